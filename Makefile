@@ -1,0 +1,44 @@
+# builder: compatibility matrix -> certified container images. `make` lists the targets.
+PY      ?= .venv/bin/python
+SELECT  ?= --framework torch==2.4.1 --cuda 12.1 --python 3.11
+OUT     ?= out/contexts
+
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-unit lint render images golden bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: ## make .venv with builder and its dev tools
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+
+test: ## all tests: unit, then integration against the Docker engine (needs one running)
+	$(PY) -m pytest -v tests
+
+test-unit: ## the tests that need no engine
+	$(PY) -m pytest -q tests/unit
+
+lint: ## ruff, mypy, and hadolint on every rendered Dockerfile
+	$(PY) -m ruff check builder tests
+	$(PY) -m mypy
+	rm -rf out/lint && $(PY) -m builder render --out out/lint >/dev/null
+	find out/lint -name Dockerfile -print0 | xargs -0 -n 50 .venv/bin/hadolint
+
+render: ## write build contexts for SELECT into OUT
+	$(PY) -m builder render $(SELECT) --out $(OUT)
+
+images: ## build and certify SELECT (default: torch 2.4.1 / CUDA 12.1 / Python 3.11)
+	$(PY) -m builder build $(SELECT)
+	$(PY) -m builder certify $(SELECT)
+
+golden: ## refresh the golden Dockerfiles in tests/golden after a deliberate template change
+	$(PY) -m tests.unit.golden
+
+bench: ## measure build, up-to-date and cache figures for SELECT; writes docs/bench.json
+	$(PY) -m tests.bench $(SELECT)
+
+clean: ## remove rendered output (not images; see `python -m builder clean`)
+	rm -rf out

@@ -1,0 +1,281 @@
+"""Build cells into images: skip what is up to date, build the rest in a bounded pool, and summarise.
+
+Each cell's whole log goes to a file; a record of every built image (id, hash, size, time, bytes
+fetched, the locked package set) goes beside it. Ctrl-C stops the builds in flight and removes their
+containers; finished images and their records stay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from builder import __version__
+from builder.bases import ensure_base
+from builder.engine import HASH, MANAGED, TAG, Engine
+from builder.errors import BuilderError, BuildFailed, Interrupted
+from builder.matrix.model import Cell
+from builder.render import ROOT, render
+from builder.sources import Sources, serve
+
+log = logging.getLogger("builder")
+
+STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+LOG_TAIL = 15
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildOptions:
+    state_dir: Path
+    sources: Sources
+    jobs: int = 1
+    force: bool = False
+    fail_fast: bool = False
+    keep_cache: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildResult:
+    cell: Cell
+    status: str  # built, up to date, failed, skipped, interrupted
+    seconds: float = 0.0
+    image_id: str | None = None
+    size: int = 0
+    upstream_bytes: int = 0
+    cached_bytes: int = 0
+    log_path: Path | None = None
+    error: str | None = None
+    log_tail: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("built", "up to date")
+
+
+def safe_name(tag: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", tag)
+
+
+def revision() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def find_built(engine: Engine, content_hash: str) -> str | None:
+    """The id of an image already built from exactly this content, if the engine has one."""
+    found = engine.images_with_label(HASH, content_hash)
+    return found[0].id if found else None
+
+
+class Progress:
+    """Live per-cell progress: a rich display on a terminal, plain lines elsewhere (CI)."""
+
+    def __init__(self, cells: list[Cell]) -> None:
+        self.live = sys.stderr.isatty() and os.environ.get("CI") is None
+        self._rich: Any = None
+        self._tasks: dict[str, Any] = {}
+        if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._rich = Progress(TextColumn("{task.fields[cell]}"), BarColumn(), TextColumn("{task.description}"),
+                                  TimeElapsedColumn(), transient=False)
+
+    def __enter__(self) -> Progress:
+        if self._rich is not None:
+            self._rich.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+
+    def step(self, cell: Cell, n: int, total: int, text: str) -> None:
+        if self._rich is not None:
+            task = self._tasks.get(cell.tag)
+            if task is None:
+                task = self._tasks[cell.tag] = self._rich.add_task(text, total=total, cell=cell.tag)
+            self._rich.update(task, completed=n, total=total, description=f"{n}/{total} {text[:60]}")
+        else:
+            log.info("%s: step %d/%d: %s", cell.tag, n, total, text[:100])
+
+    def done(self, result: BuildResult) -> None:
+        msg = f"{result.cell.tag}: {result.status} in {result.seconds:.0f} s"
+        if result.error:
+            msg += f": {result.error}"
+        if self._rich is not None:
+            self._rich.console.print(msg)
+        else:
+            log.info("%s", msg)
+
+
+def _build_one(
+    engine: Engine, cell: Cell, options: BuildOptions, progress: Progress, stop: threading.Event,
+    base_lock: threading.Lock,
+) -> BuildResult:
+    started = time.monotonic()
+    context = render(cell)
+    log_path = options.state_dir / "logs" / f"{safe_name(cell.tag)}.log"
+    if not options.force:
+        existing = find_built(engine, context.content_hash)
+        if existing is not None:
+            info = engine.image(existing)
+            if info is not None and cell.tag not in info.tags:
+                engine.tag(existing, cell.tag)
+            return BuildResult(cell=cell, status="up to date", seconds=time.monotonic() - started,
+                               image_id=existing, size=info.size if info else 0, log_path=log_path)
+    with base_lock:  # two cells on one base must not bootstrap it twice
+        ensure_base(engine, cell.base)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tail: list[str] = []
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    labels = {
+        MANAGED: "true", HASH: context.content_hash, TAG: cell.tag,
+        "org.opencontainers.image.created": created, "org.opencontainers.image.revision": revision(),
+        "org.builder.version": __version__,
+    }
+    with log_path.open("w", encoding="utf-8") as logfile, serve(options.sources, cell.index) as (src, proxy):
+
+        def on_line(line: str) -> None:
+            logfile.write(line + "\n")
+            logfile.flush()
+            tail.append(line)
+            del tail[:-LOG_TAIL]
+            match = STEP.match(line)
+            if match:
+                progress.step(cell, int(match[1]), int(match[2]), match[3])
+
+        try:
+            image_id = engine.build({**context.files, **src}, tag=cell.tag, labels=labels, on_line=on_line,
+                                    stop=stop)
+        except BuildFailed as exc:
+            raise BuildFailed(str(exc), tail, str(log_path)) from None
+        upstream = proxy.upstream_bytes if proxy else 0
+        cached = proxy.cached_bytes if proxy else 0
+    info = engine.image(image_id)
+    seconds = time.monotonic() - started
+    lock = engine.read_file(image_id, "/opt/venv/requirements.lock") or b""
+    record: dict[str, Any] = {
+        "tag": cell.tag, "image_id": image_id, "content_hash": context.content_hash, "created": created,
+        "seconds": round(seconds, 1), "size": info.size if info else 0, "upstream_bytes": upstream,
+        "cached_bytes": cached, "lock": lock.decode().split(), "cell": cell.claims(), "tool": __version__,
+    }
+    write_json(options.state_dir / "records" / f"{safe_name(cell.tag)}.json", record)
+    return BuildResult(cell=cell, status="built", seconds=seconds, image_id=image_id, size=int(record["size"]),
+                       upstream_bytes=upstream, cached_bytes=cached, log_path=log_path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_pool(
+    cells: list[Cell],
+    jobs: int,
+    work: Callable[[Cell, threading.Event], BuildResult],
+    on_done: Callable[[BuildResult], None],
+    cleanup: Callable[[], int],
+    fail_fast: bool = False,
+) -> list[BuildResult]:
+    """Run `work` for each cell in a bounded pool. Ctrl-C: stop, clean up, then raise Interrupted.
+
+    Shared by build and certify: both need the same stop-and-clean-up behaviour.
+    """
+    stop = threading.Event()
+    results: dict[str, BuildResult] = {}
+    pending = list(cells)
+    running: dict[Future[BuildResult], Cell] = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    failed = False
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, jobs) and not (fail_fast and failed):
+                cell = pending.pop(0)
+                running[pool.submit(work, cell, stop)] = cell
+            if not running:
+                break
+            done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in done:
+                cell = running.pop(fut)
+                result = fut.result()
+                results[cell.tag] = result
+                failed = failed or not result.ok
+                on_done(result)
+        for cell in pending:
+            results[cell.tag] = BuildResult(cell=cell, status="skipped", error="--fail-fast: an earlier cell failed")
+    except KeyboardInterrupt:
+        stop.set()
+        log.warning("interrupted: stopping %d job(s) and removing their containers ...", len(running))
+        deadline = time.monotonic() + 120
+        while running and time.monotonic() < deadline:
+            cleanup()  # kills the RUN step in flight, so the engine ends the build now
+            done, _ = wait(list(running), timeout=1)
+            for fut in done:
+                cell = running.pop(fut)
+                exc = fut.exception()
+                if exc is None:
+                    results[cell.tag] = fut.result()
+        cleanup()
+        for cell in [*running.values(), *pending]:
+            results.setdefault(cell.tag, BuildResult(cell=cell, status="interrupted"))
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise Interrupted(
+            f"interrupted: {sum(r.ok for r in results.values())} finished image(s) and their records were kept"
+        ) from None
+    pool.shutdown(wait=True)
+    return [results[c.tag] for c in cells]
+
+
+def build_cells(engine: Engine, cells: list[Cell], options: BuildOptions) -> list[BuildResult]:
+    base_lock = threading.Lock()
+    since = time.time()
+
+    def work(cell: Cell, stop: threading.Event) -> BuildResult:
+        started = time.monotonic()
+        try:
+            return _build_one(engine, cell, options, progress, stop, base_lock)
+        except BuildFailed as exc:
+            return BuildResult(cell=cell, status="failed", seconds=time.monotonic() - started, error=str(exc),
+                               log_tail=tuple(exc.log_tail), log_path=Path(exc.log_path) if exc.log_path else None)
+        except Interrupted:
+            return BuildResult(cell=cell, status="interrupted", seconds=time.monotonic() - started)
+        except BuilderError as exc:
+            return BuildResult(cell=cell, status="failed", seconds=time.monotonic() - started, error=str(exc))
+
+    with Progress(cells) as progress:
+        try:
+            results = run_pool(cells, options.jobs, work, progress.done,
+                               lambda: engine.remove_containers(MANAGED, since), options.fail_fast)
+        finally:
+            if not options.keep_cache:
+                prune_builder_stages(engine)
+    return results
+
+
+def prune_builder_stages(engine: Engine) -> None:
+    """Drop the untagged builder-stage images (as large as the final image) once no build needs them."""
+    try:
+        freed = engine.prune_dangling(MANAGED)
+        if freed:
+            log.info("removed builder-stage images: %.1f GB freed", freed / 1e9)
+    except BuilderError as exc:  # pruning is housekeeping: never fail a run for it
+        log.warning("could not remove builder-stage images: %s", exc)

@@ -1,0 +1,201 @@
+"""Command line: argparse -> selection and options -> the stage that does the work.
+
+This is the one place that turns BuilderError into a message and an exit code; the traceback is shown
+only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from builder import __version__
+from builder.build import BuildOptions, BuildResult, build_cells
+from builder.engine import Engine
+from builder.errors import BuilderError, UsageError
+from builder.matrix import Cell, Selection, expand, load_matrix
+from builder.render import render
+from builder.sources import Sources
+
+log = logging.getLogger("builder")
+
+
+def _selectors(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("selectors (all given must match)")
+    group.add_argument("--cuda", help="CUDA line, e.g. 12.1, or cpu")
+    group.add_argument("--python", help="Python version, e.g. 3.11")
+    group.add_argument("--framework", help="torch, tensorflow, or NAME==VERSION such as torch==2.4.1")
+    group.add_argument("--flavor", choices=["runtime", "devel"])
+    group.add_argument("--only", action="append", default=[], metavar="TAG-GLOB",
+                       help="keep cells whose tag matches this glob; repeat to OR several")
+
+
+def selection(args: argparse.Namespace) -> Selection:
+    framework, version = args.framework, None
+    if framework and "==" in framework:
+        framework, version = framework.split("==", 1)
+    if framework and framework not in ("torch", "tensorflow"):
+        raise UsageError(f"--framework {args.framework}: unknown framework (use torch or tensorflow)")
+    return Selection(cuda=args.cuda, python=args.python, framework=framework, framework_version=version,
+                     flavor=args.flavor, only=tuple(args.only))
+
+
+def select_cells(args: argparse.Namespace) -> list[Cell]:
+    matrix = load_matrix(args.matrix)
+    cells, _ = expand(matrix, selection(args))
+    if not cells:
+        raise UsageError(f"{args.matrix}: no cell matches the selectors; see `python -m builder matrix`")
+    return cells
+
+
+def _row(cell: Cell) -> dict[str, Any]:
+    return {
+        "tag": cell.tag, "base": cell.base.image, "python": cell.python, "cuda": cell.cuda or "cpu",
+        "cudnn": cell.cudnn or "-", "framework": f"{cell.framework}=={cell.version}", "flavor": cell.flavor,
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(none)"
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    out = ["  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip()]
+    out += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip() for r in rows]
+    return "\n".join(out)
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    matrix = load_matrix(args.matrix)
+    cells, dropped = expand(matrix, selection(args))
+    if args.format == "json":
+        print(json.dumps([{**_row(c), "claims": c.claims()} for c in cells], indent=2))
+    elif args.format == "github":
+        include = [{"tag": c.tag, "framework": c.framework, "version": c.version, "cuda": c.cuda or "cpu",
+                    "python": c.python, "flavor": c.flavor, "base": c.base.name} for c in cells]
+        print(json.dumps({"include": include}))
+    else:
+        print(table([_row(c) for c in cells]))
+    log.info("%d cells", len(cells))
+    if args.explain:
+        print(f"\nDropped combinations ({len(dropped)}):")
+        for rejection in dropped:
+            print(f"  {rejection.where}: {rejection}")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    for cell in select_cells(args):
+        context = render(cell)
+        path = context.write(out)
+        print(f"{cell.tag}  {context.content_hash[:12]}  {path}")
+    return 0
+
+
+def _sources_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("build-time package sources (builder stage only, never in the image)")
+    group.add_argument("--ca-bundle", help="CA bundle for HTTPS to the indexes (default: $PIP_CERT, "
+                       "$REQUESTS_CA_BUNDLE or $SSL_CERT_FILE)")
+    group.add_argument("--index-url", help="package index (default: $PIP_INDEX_URL, else PyPI)")
+    group.add_argument("--extra-index-url", action="append", help="extra index; repeatable "
+                       "(default: $PIP_EXTRA_INDEX_URL)")
+    group.add_argument("--find-links", action="append", help="wheelhouse folder or URL; repeatable "
+                       "(default: $PIP_FIND_LINKS)")
+    group.add_argument("--cache-dir", default=os.environ.get("BUILDER_CACHE"),
+                       help="host package cache shared by all cells (default: ~/.cache/builder/packages)")
+    group.add_argument("--no-proxy", action="store_true", help="let pip in the builder stage reach the "
+                       "indexes itself (with the CA bundle) instead of through the host's caching proxy")
+
+
+def _state_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state", default=os.environ.get("BUILDER_STATE", ".builder"),
+                        help="where logs, build records and certificates go (default: .builder)")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB" if n else "-"
+
+
+def build_summary(results: list[BuildResult]) -> str:
+    rows = [{
+        "cell": r.cell.tag, "result": r.status, "time": f"{r.seconds:.0f} s", "size": _mb(r.size),
+        "image": (r.image_id or "-").removeprefix("sha256:")[:12], "fetched": _mb(r.upstream_bytes),
+        "from cache": _mb(r.cached_bytes),
+    } for r in results]
+    return table(rows)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    cells = select_cells(args)
+    sources = Sources.from_env(ca_bundle=args.ca_bundle, index_url=args.index_url,
+                               extra_index_urls=args.extra_index_url, find_links=args.find_links,
+                               cache_dir=args.cache_dir, proxy=not args.no_proxy)
+    engine = Engine.connect()
+    options = BuildOptions(state_dir=Path(args.state), sources=sources, jobs=args.jobs, force=args.force,
+                           fail_fast=args.fail_fast)
+    log.info("building %d cell(s) with %d job(s) on %s", len(cells), args.jobs, engine.address)
+    results = build_cells(engine, cells, options)
+    for r in results:
+        if r.status == "failed":
+            print(f"error: {r.cell.tag}: build failed: {r.error}", file=sys.stderr)
+            for line in r.log_tail[-8:]:
+                print(f"    | {line}", file=sys.stderr)
+            if r.log_path:
+                print(f"    whole log: {r.log_path}", file=sys.stderr)
+    print(build_summary(results))
+    failed = [r for r in results if not r.ok]
+    return 1 if failed else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m builder", description=__doc__)
+    top.add_argument("--matrix", default=os.environ.get("BUILDER_MATRIX", "matrix.yaml"),
+                     help="the matrix file (default: matrix.yaml, or $BUILDER_MATRIX)")
+    top.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    top.add_argument("--version", action="version", version=f"builder {__version__}")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("matrix", help="list the cells the matrix asks for")
+    _selectors(p)
+    p.add_argument("--format", choices=["table", "json", "github"], default="table")
+    p.add_argument("--explain", action="store_true", help="also list dropped combinations and why")
+    p.set_defaults(func=cmd_matrix)
+
+    p = sub.add_parser("render", help="write one build context per cell")
+    _selectors(p)
+    p.add_argument("--out", required=True, help="directory to write the contexts into")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("build", help="build the selected cells' images")
+    _selectors(p)
+    _sources_options(p)
+    _state_option(p)
+    p.add_argument("-j", "--jobs", type=int, default=1, help="builds at once (default 1)")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date image exists")
+    p.add_argument("--fail-fast", action="store_true", help="start no new build after a failure")
+    p.set_defaults(func=cmd_build)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                        format="%(message)s")
+    try:
+        return int(args.func(args))
+    except BuilderError as exc:
+        if args.debug:
+            log.exception("failed")
+        for line in exc.lines():
+            print(f"error: {line}" if not line.startswith(str(args.matrix)) else line, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,309 @@
+"""The one place that talks to the container engine (Docker, through its Python SDK).
+
+Everything else asks this module for images, builds and runs; a BuildKit backend would replace this
+file only. Containers are created, started and removed explicitly, by image id, so nothing is ever
+pulled by accident or left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import DeviceRequest
+
+from builder.errors import BuildFailed, EngineError, Interrupted
+
+log = logging.getLogger("builder")
+
+MANAGED = "org.builder.managed"
+SESSION = "org.builder.session"
+HASH = "org.builder.hash"
+TAG = "org.builder.tag"
+LEVEL = "org.builder.certificate.level"
+CERT_DIGEST = "org.builder.certificate.digest"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageInfo:
+    id: str
+    tags: tuple[str, ...]
+    labels: dict[str, str]
+    size: int
+    user: str
+    env: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunResult:
+    exit_code: int | None  # None: killed at the timeout
+    logs: str
+    files: dict[str, bytes]
+    seconds: float
+
+
+def _address() -> str:
+    """DOCKER_HOST, else the current docker context's endpoint, else the default socket."""
+    if os.environ.get("DOCKER_HOST"):
+        return os.environ["DOCKER_HOST"]
+    try:
+        from docker.context import ContextAPI
+
+        ctx = ContextAPI.get_current_context()
+        host = ctx.Host if ctx is not None else None
+        if host:
+            return str(host)
+    except Exception:  # a broken docker config must not stop us from trying the default socket
+        log.debug("no usable docker context", exc_info=True)
+    return "unix:///var/run/docker.sock"
+
+
+class Engine:
+    def __init__(self, client: docker.DockerClient, address: str) -> None:
+        self.client = client
+        self.api = client.api
+        self.address = address
+
+    @classmethod
+    def connect(cls, timeout: int = 600) -> Engine:
+        """Reach the engine, or raise EngineError saying which address was tried and what to do."""
+        address = _address()
+        try:
+            client = docker.DockerClient(base_url=address, timeout=timeout)
+            client.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            reason = str(exc).split("(")[0].strip() or type(exc).__name__
+            raise EngineError(
+                f"no Docker engine answers at {address} ({reason}): start one (`dockerd &` as root, or "
+                "`systemctl start docker`) or point DOCKER_HOST / `docker context use` at one"
+            ) from None
+        return cls(client, address)
+
+    # --------------------------------------------------------------------------------------- images
+    def _info(self, attrs: dict[str, Any]) -> ImageInfo:
+        config = attrs.get("Config") or {}
+        return ImageInfo(
+            id=attrs["Id"],
+            tags=tuple(attrs.get("RepoTags") or ()),
+            labels=dict(config.get("Labels") or {}),
+            size=int(attrs.get("Size") or 0),
+            user=str(config.get("User") or ""),
+            env=tuple(config.get("Env") or ()),
+        )
+
+    def image(self, ref: str) -> ImageInfo | None:
+        try:
+            return self._info(self.api.inspect_image(ref))  # type: ignore[no-untyped-call]
+        except docker.errors.ImageNotFound:
+            return None
+        except docker.errors.APIError as exc:
+            raise EngineError(f"engine at {self.address} failed to inspect {ref}: {exc.explanation}") from None
+
+    def images_with_label(self, key: str, value: str | None = None) -> list[ImageInfo]:
+        flt = f"{key}={value}" if value is not None else key
+        found = self.api.images(filters={"label": flt})
+        return [info for img in found if (info := self.image(img["Id"])) is not None]
+
+    def history(self, image_id: str) -> list[dict[str, Any]]:
+        return list(self.api.history(image_id))  # type: ignore[no-untyped-call]
+
+    def save(self, image_id: str) -> Iterator[bytes]:
+        return iter(self.api.get_image(image_id, chunk_size=1 << 20))
+
+    def pull(self, ref: str) -> None:
+        repo, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "latest")
+        try:
+            for event in self.api.pull(repo, tag=tag, stream=True, decode=True):
+                if "error" in event:
+                    raise EngineError(str(event["error"]))
+        except docker.errors.APIError as exc:
+            raise EngineError(str(exc.explanation or exc)) from None
+
+    def import_rootfs(self, stream: Any, ref: str) -> str:
+        repo, _, tag = ref.rpartition(":")
+        changes = ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 'CMD ["bash"]']
+        result = self.api.import_image_from_stream(stream, repository=repo, tag=tag, changes=changes)
+        info = self.image(ref)
+        if info is None:
+            raise EngineError(f"importing {ref} failed: {str(result)[-300:]}")
+        return info.id
+
+    def tag(self, image_id: str, ref: str) -> None:
+        repo, _, tag = ref.rpartition(":")
+        self.api.tag(image_id, repo, tag, force=True)
+
+    def prune_dangling(self, label: str) -> int:
+        """Remove untagged images carrying `label`; returns the bytes freed."""
+        try:
+            pruned = self.api.prune_images(filters={"dangling": True, "label": label})  # type: ignore[no-untyped-call]
+        except docker.errors.APIError as exc:
+            raise EngineError(f"pruning images failed: {exc.explanation}") from None
+        return int(pruned.get("SpaceReclaimed") or 0)
+
+    def remove_image(self, ref: str) -> None:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            self.api.remove_image(ref, force=True)
+
+    # ---------------------------------------------------------------------------------------- build
+    def build(
+        self,
+        files: dict[str, bytes],
+        *,
+        tag: str,
+        labels: dict[str, str],
+        on_line: Callable[[str], None],
+        stop: threading.Event,
+        nocache: bool = False,
+    ) -> str:
+        """Build a context given as files; stream every log line to on_line; return the image id.
+
+        Raises BuildFailed on an {"error": ...} event, Interrupted if `stop` is set meanwhile.
+        """
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name in sorted(files):
+                info = tarfile.TarInfo(name)
+                info.size = len(files[name])
+                info.mtime = 0
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(files[name]))
+        buf.seek(0)
+        image_id = None
+        stream = self.api.build(
+            fileobj=buf, custom_context=True, tag=tag, labels=labels, rm=True, forcerm=True, pull=False,
+            network_mode="host", decode=True, nocache=nocache,
+        )
+        try:
+            for event in stream:
+                if stop.is_set():
+                    raise Interrupted(f"build of {tag} interrupted")
+                if "stream" in event:
+                    for line in str(event["stream"]).splitlines():
+                        on_line(line)
+                if "aux" in event and isinstance(event["aux"], dict) and "ID" in event["aux"]:
+                    image_id = event["aux"]["ID"]
+                if "error" in event:
+                    on_line(f"ERROR: {event['error']}")
+                    raise BuildFailed(str(event["error"]).strip())
+        except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
+            if stop.is_set():
+                raise Interrupted(f"build of {tag} interrupted") from None
+            raise BuildFailed(f"the engine broke off the build: {exc}") from None
+        finally:
+            close = getattr(stream, "close", None)
+            if close:
+                close()
+        if image_id is None:
+            built = self.image(tag)
+            if built is None:
+                raise BuildFailed("the engine reported no image id")
+            image_id = built.id
+        return str(image_id)
+
+    # ------------------------------------------------------------------------------------------ run
+    def runtimes(self) -> set[str]:
+        return set((self.api.info().get("Runtimes") or {}).keys())
+
+    def run(
+        self,
+        image_id: str,
+        command: list[str],
+        *,
+        labels: dict[str, str],
+        timeout: float,
+        mem_limit: str,
+        gpus: int | None,
+        fetch: str,
+        stop: threading.Event | None = None,
+    ) -> RunResult:
+        """Run `command` in a fresh container of `image_id`; return its logs and the file `fetch`.
+
+        gpus: None for none, -1 for all, N for N. The container is removed whatever happens.
+        """
+        device_requests = [DeviceRequest(count=gpus, capabilities=[["gpu"]])] if gpus else None
+        host_config = self.api.create_host_config(
+            mem_limit=mem_limit, device_requests=device_requests, network_mode="none", shm_size="1g"
+        )
+        try:
+            container = self.api.create_container(
+                image_id, command=command, labels={MANAGED: "true", **labels}, host_config=host_config,
+            )
+        except docker.errors.APIError as exc:
+            raise EngineError(f"cannot create a container of {image_id[:19]}: {exc.explanation}") from None
+        cid = container["Id"]
+        started = time.monotonic()
+        exit_code: int | None = None
+        try:
+            try:
+                self.api.start(cid)
+            except docker.errors.APIError as exc:
+                raise EngineError(f"cannot start a container of {image_id[:19]}: {exc.explanation}") from None
+            deadline = started + timeout
+            while True:
+                if stop is not None and stop.is_set():
+                    raise Interrupted("certification interrupted")
+                try:
+                    result = self.api.wait(cid, timeout=int(max(1, min(5, deadline - time.monotonic()))))
+                    exit_code = int(result.get("StatusCode", -1))
+                    break
+                except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                    if time.monotonic() >= deadline:
+                        self.api.kill(cid)
+                        break
+            logs = self.api.logs(cid, stdout=True, stderr=True).decode("utf-8", "replace")
+            files: dict[str, bytes] = {}
+            try:
+                chunks, _ = self.api.get_archive(cid, fetch)
+                with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+                    for member in tar.getmembers():
+                        fh = tar.extractfile(member)
+                        if fh is not None:
+                            files[member.name] = fh.read()
+            except docker.errors.NotFound:
+                pass
+            return RunResult(exit_code=exit_code, logs=logs, files=files, seconds=time.monotonic() - started)
+        finally:
+            self.api.remove_container(cid, force=True)
+
+    def read_file(self, image_id: str, path: str) -> bytes | None:
+        """A file from an image, without running it: create, copy out, remove."""
+        cid = self.api.create_container(image_id, command=["true"], labels={MANAGED: "true"})["Id"]
+        try:
+            chunks, _ = self.api.get_archive(cid, path)
+            with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+                member = tar.getmembers()[0]
+                fh = tar.extractfile(member)
+                return fh.read() if fh else None
+        except docker.errors.NotFound:
+            return None
+        finally:
+            self.api.remove_container(cid, force=True)
+
+    # -------------------------------------------------------------------------------------- cleanup
+    def remove_containers(self, label: str = MANAGED, since: float | None = None) -> int:
+        """Force-remove the containers carrying `label` (created at or after `since`, if given).
+
+        The classic builder's intermediate containers carry the Dockerfile's own managed label, so
+        this also clears what an interrupted build left.
+        """
+        removed = 0
+        for c in self.api.containers(all=True, filters={"label": label}):
+            if since is not None and c.get("Created", 0) < int(since) - 1:
+                continue
+            try:
+                self.api.remove_container(c["Id"], force=True)
+                removed += 1
+            except docker.errors.NotFound:
+                pass
+        return removed

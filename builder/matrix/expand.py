@@ -1,0 +1,249 @@
+"""Expand the `images` groups into cells: axes -> combinations (minus excludes, plus includes) -> rules.
+
+A combination that axes produced and a rule rejects is dropped and explained; one that an include
+asked for (or the only one a group yields) is an error.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from builder.errors import MatrixError
+from builder.matrix import schema
+from builder.matrix.model import Base, Bootstrap, Cell, Matrix, Selection, dotted
+from builder.matrix.rules import CUDNN_TOKEN_MAJOR, Violation
+
+
+@dataclass(frozen=True, kw_only=True)
+class Combo:
+    framework: schema.FrameworkName
+    version: str
+    cuda: str
+    python: str
+    flavor: str
+    base: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.framework}=={self.version} {'cpu' if self.cuda == 'cpu' else 'cuda' + self.cuda}"
+        text += f" py{self.python} {self.flavor}"
+        return text + (f" on {self.base}" if self.base else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rejection:
+    combo: Combo
+    violation: Violation
+    where: str  # the group or include that produced it
+
+    def __str__(self) -> str:
+        return f"{self.combo}: {self.violation}"
+
+
+def _matches(exclude: schema.Combo, combo: Combo) -> bool:
+    return all(
+        getattr(exclude, k) is None or getattr(exclude, k) == getattr(combo, k)
+        for k in ("version", "cuda", "python", "flavor", "base")
+    )
+
+
+def _resolve_base(matrix: Matrix, name: str, cuda: str | None) -> Base:
+    spec = matrix.spec.bases[name]
+    boot = Bootstrap(suite=spec.bootstrap.suite, mirror=spec.bootstrap.mirror) if spec.bootstrap else None
+    if spec.nvidia_cuda is None:
+        assert spec.image is not None
+        family = "ubuntu" if spec.image.startswith("ubuntu") else "debian"
+        return Base(name=name, image=spec.image, python=spec.python, bootstrap=boot, family=family)
+    assert cuda is not None
+    release = matrix.spec.cuda[cuda]
+    nv = spec.nvidia_cuda
+    pieces = [release.image.tag]
+    if nv.cudnn and release.image.cudnn:
+        pieces.append(release.image.cudnn)
+    pieces += [nv.flavor, nv.os]
+    return Base(
+        name=name,
+        image=f"nvidia/cuda:{'-'.join(pieces)}",
+        python=spec.python,
+        cuda=cuda,
+        cudnn_major=CUDNN_TOKEN_MAJOR.get(release.image.cudnn) if nv.cudnn else None,
+        flavor=nv.flavor,
+        family="ubuntu" if nv.os.startswith("ubuntu") else "debian",
+    )
+
+
+def _python_source(matrix: Matrix, base: str, python: str) -> str | None:
+    spec = matrix.spec
+    if spec.bases[base].python == python:
+        return "system"
+    for name, src in spec.python_sources.items():
+        if base in src.bases and python in src.python:
+            return name
+    return None
+
+
+def _base_fits(matrix: Matrix, name: str, combo: Combo, build: schema.BuildLine) -> tuple[bool, str] | None:
+    """Why base `name` cannot serve this combination, or None if it can.
+
+    The flag is True when the base is merely the wrong kind (plain OS vs nvidia/cuda): such reasons
+    are left out of a message when another candidate came closer.
+    """
+    spec = matrix.spec.bases[name]
+    nv = spec.nvidia_cuda
+    if combo.flavor == "devel" or build.cuda_source == "system":
+        if nv is None:
+            need = "devel" if combo.flavor == "devel" else "system CUDA"
+            return True, f"{name} is no nvidia/cuda image (a {need} cell needs one)"
+        if nv.flavor != combo.flavor:
+            return True, f"{name} is a {nv.flavor} image, the cell is {combo.flavor}"
+        if nv.os not in matrix.spec.cuda[combo.cuda].image.os:
+            return False, f"nvidia/cuda publishes no {nv.os} image for CUDA {combo.cuda}"
+        if build.cuda_source == "system" and build.cudnn:
+            shipped = CUDNN_TOKEN_MAJOR.get(matrix.spec.cuda[combo.cuda].image.cudnn) if nv.cudnn else None
+            if shipped != build.cudnn.split(".")[0]:
+                return False, f"{name} ships cuDNN {shipped or 'none'}, the framework needs cuDNN {build.cudnn}"
+    elif nv is not None:
+        return True, f"{name} is an nvidia/cuda image; wheel-CUDA runtime cells use a plain OS base"
+    if _python_source(matrix, name, combo.python) is None:
+        return False, f"{name} ships Python {spec.python} and no python_sources entry adds {combo.python}"
+    return None
+
+
+def _resolve(matrix: Matrix, gi: int, combo: Combo) -> Cell | Violation:
+    spec = matrix.spec
+    fw = spec.frameworks[combo.framework]
+    fv = fw.versions[combo.version]
+    vpath = ("frameworks", combo.framework, "versions", combo.version)
+    build = fv.builds.get(combo.cuda)
+    if build is None:
+        lines = ", ".join(fv.builds)
+        return Violation("cuda-line", f"{combo.framework} {combo.version} has no build for "
+                         f"{'cpu' if combo.cuda == 'cpu' else 'CUDA ' + combo.cuda} (built for: {lines})",
+                         matrix.where((*vpath, "builds")))
+    if combo.python not in fv.python:
+        return Violation("python-wheels", f"{combo.framework} {combo.version} publishes no cp"
+                         f"{combo.python.replace('.', '')} wheel (wheels exist for Python {', '.join(fv.python)})",
+                         matrix.where((*vpath, "python")))
+    if combo.cuda == "cpu" and combo.flavor == "devel":
+        return Violation("flavor-cpu", "the devel flavor adds the CUDA toolkit; a cpu cell has none",
+                         matrix.where(("images", gi)))
+    group = spec.images[gi]
+    candidates = [combo.base] if combo.base else group.bases
+    reasons: dict[str, tuple[bool, str]] = {}
+    fits = []
+    for name in candidates:
+        why = _base_fits(matrix, name, combo, build)
+        if why is None:
+            fits.append(name)
+        else:
+            reasons[name] = why
+    # A base whose own system ships the Python beats one that needs an extra Python source.
+    fits.sort(key=lambda name: _python_source(matrix, name, combo.python) != "system")
+    chosen = fits[0] if fits else None
+    if chosen is None:
+        close = [text for wrong_kind, text in reasons.values() if not wrong_kind]
+        close = close or [text for _, text in reasons.values()]
+        return Violation("base", "no base fits: " + "; ".join(close), matrix.where(("images", gi, "bases")))
+    cuda = None if combo.cuda == "cpu" else combo.cuda
+    release = spec.cuda[cuda] if cuda else None
+    source = _python_source(matrix, chosen, combo.python)
+    assert source is not None
+    base = _resolve_base(matrix, chosen, cuda if spec.bases[chosen].nvidia_cuda else None)
+    unverified = tuple(f"{combo.framework} {combo.version}: {u}" for u in fv.unverified)
+    unverified += tuple(f"{combo.framework} {combo.version} {combo.cuda}: {u}" for u in build.unverified)
+    if release and release.unverified:
+        unverified += tuple(f"cuda {cuda}: {u}" for u in release.unverified)
+    return Cell(
+        repository=spec.repository,
+        framework=combo.framework,
+        version=combo.version,
+        cuda=cuda,
+        cudnn=build.cudnn,
+        python=combo.python,
+        flavor=combo.flavor,
+        base=base,
+        python_source=source,
+        cuda_source="none" if cuda is None else build.cuda_source,
+        index=spec.indexes[build.index] if build.index != "pypi" else None,
+        requirements=_requirements(fw, combo, build, fv),
+        driver_ga=release.driver.ga if release else None,
+        driver_floor=release.driver.floor if release else None,
+        unverified=unverified,
+        notes=tuple(n for n in (fv.note, build.note) if n),
+    )
+
+
+def _requirements(
+    fw: schema.FrameworkSpec, combo: Combo, build: schema.BuildLine, fv: schema.FrameworkVersion
+) -> tuple[str, ...]:
+    if combo.cuda == "cpu":
+        package = fw.cpu_package or fw.package
+    elif build.cuda_source == "wheels" and fw.cuda_extra:
+        package = f"{fw.package}[{fw.cuda_extra}]"
+    else:
+        package = fw.package
+    reqs = [f"{package}=={combo.version}"]
+    reqs += [f"{name}=={v}" for name, v in fv.companions.items()]
+    return tuple(reqs + list(build.pins))
+
+
+def _group_combos(matrix: Matrix, gi: int) -> tuple[list[tuple[Combo, tuple[Any, ...]]], bool]:
+    """The group's combinations, each with the path that asked for it, and whether axes made them."""
+    group = matrix.spec.images[gi]
+    fw = matrix.spec.frameworks[group.framework]
+    out: list[tuple[Combo, tuple[Any, ...]]] = []
+    if group.axes:
+        ax = group.axes
+        for version in ax.version or list(fw.versions):
+            fv = fw.versions[version]
+            for cuda, python, flavor in itertools.product(ax.cuda or list(fv.builds), ax.python or fv.python,
+                                                          ax.flavor):
+                combo = Combo(framework=group.framework, version=version, cuda=cuda, python=python, flavor=flavor)
+                if not any(_matches(ex, combo) for ex in group.exclude):
+                    out.append((combo, ("images", gi, "axes")))
+    for i, inc in enumerate(group.include):
+        assert inc.version and inc.cuda and inc.python
+        combo = Combo(framework=group.framework, version=inc.version, cuda=inc.cuda, python=inc.python,
+                      flavor=inc.flavor or "runtime", base=inc.base)
+        out.append((combo, ("images", gi, "include", i)))
+    return out, bool(group.axes)
+
+
+def expand(matrix: Matrix, selection: Selection | None = None) -> tuple[list[Cell], list[Rejection]]:
+    """All cells the matrix asks for (filtered by `selection`), and the combinations that were dropped.
+
+    Raises MatrixError for combinations asked for explicitly that a rule rejects.
+    """
+    cells: dict[str, Cell] = {}
+    dropped: list[Rejection] = []
+    errors: list[str] = []
+    for gi in range(len(matrix.spec.images)):
+        combos, _ = _group_combos(matrix, gi)
+        group_cells: list[Cell] = []
+        group_drops: list[tuple[Rejection, tuple[Any, ...]]] = []
+        for combo, path in combos:
+            result = _resolve(matrix, gi, combo)
+            where = matrix.where(path)
+            if isinstance(result, Cell):
+                group_cells.append(result)
+                continue
+            rejection = Rejection(combo=combo, violation=result, where=where)
+            if "include" in path:
+                errors.append(f"{where}: {dotted(path)}: impossible combination {rejection}")
+            else:
+                group_drops.append((rejection, path))
+        if not group_cells and group_drops and len(combos) == len(group_drops):
+            # A group that yields nothing asked for exactly what it got refused: report, don't hide it.
+            errors += [f"{r.where}: {dotted(p)}: impossible combination {r}" for r, p in group_drops]
+        dropped += [r for r, _ in group_drops]
+        for cell in group_cells:
+            cells.setdefault(cell.tag, cell)
+    if errors:
+        raise MatrixError(errors)
+    if selection is not None:
+        dropped = [r for r in dropped if selection.matches_fields(
+            framework=r.combo.framework, version=r.combo.version, cuda=r.combo.cuda, python=r.combo.python,
+            flavor=r.combo.flavor, tag=None)]
+    chosen = [c for c in cells.values() if selection is None or selection.matches(c)]
+    return chosen, dropped

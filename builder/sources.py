@@ -1,0 +1,298 @@
+"""Build-time package sources: the CA bundle, package indexes, and the caching index that serves builds.
+
+Every file pip fetches for any cell goes through a small caching proxy on 127.0.0.1 (builds use the host
+network, so they reach it). A wheel fetched once is served from the host's cache to every later cell,
+and each proxy counts what it had to fetch upstream, so the summary can show bytes per cell.
+Only the builder stage ever sees these sources: the final stage copies the installed venv and nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html.parser
+import logging
+import os
+import shutil
+import ssl
+import tempfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from builder.errors import SourceError
+from builder.render import SOURCES_DIR
+
+log = logging.getLogger("builder")
+
+PYPI = "https://pypi.org/simple"
+CA_ENV = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sources:
+    """Where packages come from, as the host sees them. None of it is part of a cell's content hash."""
+
+    ca_bundle: Path | None = None
+    index_url: str = PYPI
+    extra_index_urls: tuple[str, ...] = ()
+    find_links: tuple[str, ...] = ()
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "builder" / "packages")
+    proxy: bool = True  # False: pip in the builder stage talks to the indexes itself, with the CA bundle
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        ca_bundle: str | None = None,
+        index_url: str | None = None,
+        extra_index_urls: list[str] | None = None,
+        find_links: list[str] | None = None,
+        cache_dir: str | None = None,
+        proxy: bool = True,
+        environ: dict[str, str] | None = None,
+    ) -> Sources:
+        """Flags first, then the standard variables (PIP_CERT, PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, ...)."""
+        env = os.environ if environ is None else environ
+        ca = ca_bundle or next((env[k] for k in CA_ENV if env.get(k)), None)
+        ca_path = Path(ca) if ca else None
+        if ca_path is not None and not ca_path.is_file():
+            raise SourceError(f"CA bundle {ca_path} does not exist: pass --ca-bundle FILE or unset "
+                              f"{'/'.join(CA_ENV)}")
+        extras = extra_index_urls if extra_index_urls is not None else env.get("PIP_EXTRA_INDEX_URL", "").split()
+        links = find_links if find_links is not None else env.get("PIP_FIND_LINKS", "").split()
+        return cls(
+            ca_bundle=ca_path,
+            index_url=(index_url or env.get("PIP_INDEX_URL") or PYPI).rstrip("/"),
+            extra_index_urls=tuple(u.rstrip("/") for u in extras if u),
+            find_links=tuple(links),
+            cache_dir=Path(cache_dir) if cache_dir else cls().cache_dir,
+            proxy=proxy,
+        )
+
+    def local_links(self) -> list[Path]:
+        return [Path(link) for link in self.find_links if "://" not in link and Path(link).is_dir()]
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_bundle) if self.ca_bundle else None)
+
+    def indexes_for(self, primary: str | None) -> list[str]:
+        """The indexes a cell installs from: its own (e.g. the PyTorch index) first, then the defaults."""
+        urls = [primary.rstrip("/")] if primary else []
+        for url in (self.index_url, *self.extra_index_urls):
+            if url not in urls:
+                urls.append(url)
+        return urls
+
+    def context_files(self, primary_index: str | None, proxy_url: str | None) -> dict[str, bytes]:
+        """sources/ as the builder stage receives it: a pip.conf, and the CA bundle when pip needs one."""
+        files: dict[str, bytes] = {}
+        lines = ["[global]", "disable-pip-version-check = true", "timeout = 120"]
+        if proxy_url:
+            urls = [f"{proxy_url}/{i}/simple" for i in range(len(self.indexes_for(primary_index)))]
+        else:
+            urls = self.indexes_for(primary_index)
+            if self.ca_bundle:
+                files[f"{SOURCES_DIR}/ca.pem"] = self.ca_bundle.read_bytes()
+                lines.append("cert = /opt/builder-sources/ca.pem")
+        lines.append(f"index-url = {urls[0]}")
+        if urls[1:]:
+            lines.append("extra-index-url = " + " ".join(urls[1:]))
+        links = [link for link in self.find_links if "://" in link]
+        local = self.local_links()
+        if local and proxy_url:
+            links += [f"{proxy_url}/links/{i}/" for i in range(len(local))]
+        elif local:
+            files.update(_wheelhouse_files(local))
+            links.append("/opt/builder-sources/wheelhouse")
+        if links:
+            lines.append("find-links = " + " ".join(links))
+        files[f"{SOURCES_DIR}/pip.conf"] = ("\n".join(lines) + "\n").encode()
+        return files
+
+
+def _wheelhouse_files(folders: list[Path]) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    for folder in folders:
+        for wheel in sorted(folder.glob("*.whl")):
+            files[f"{SOURCES_DIR}/wheelhouse/{wheel.name}"] = wheel.read_bytes()
+    return files
+
+
+class _Links(html.parser.HTMLParser):
+    """Collects the href of every anchor of a PEP 503 simple page, with its position in the text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.hrefs += [v for k, v in attrs if k == "href" and v]
+
+
+def _token(url: str) -> str:
+    return base64.urlsafe_b64encode(url.encode()).decode().rstrip("=")
+
+
+def _untoken(token: str) -> str:
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+
+
+class PackageProxy:
+    """A caching proxy of one or more PEP 503 simple indexes, for the builds of one cell.
+
+    Index pages are fetched fresh; files are cached on disk by URL and shared by every proxy.
+    `upstream_bytes` counts what this proxy had to download.
+    """
+
+    def __init__(
+        self, upstreams: list[str], cache_dir: Path, context: ssl.SSLContext, links: list[Path] | None = None
+    ) -> None:
+        self.upstreams = upstreams
+        self.links = links or []
+        self.cache_dir = cache_dir
+        self.context = context
+        self.upstream_bytes = 0
+        self.cached_bytes = 0
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> PackageProxy:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                proxy._handle(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("proxy: " + format, *args)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def _open(self, url: str, accept: str) -> Any:
+        request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": "builder-proxy"})
+        return urllib.request.urlopen(request, timeout=120, context=self.context)
+
+    def _handle(self, req: BaseHTTPRequestHandler) -> None:
+        parts = req.path.split("?")[0].strip("/").split("/")
+        try:
+            if len(parts) >= 3 and parts[0].isdigit() and parts[1] == "simple":
+                self._page(req, int(parts[0]), "/".join(parts[2:]))
+            elif len(parts) == 3 and parts[0] == "files":
+                self._file(req, _untoken(parts[1]), parts[2])
+            elif len(parts) in (2, 3) and parts[0] == "links" and parts[1].isdigit():
+                self._link(req, int(parts[1]), parts[2] if len(parts) == 3 else None)
+            else:
+                req.send_error(404)
+        except urllib.error.HTTPError as exc:
+            req.send_error(exc.code, str(exc.reason))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            with self._lock:
+                self.errors.append(f"{req.path}: {exc}")
+            req.send_error(502, f"upstream failed: {exc}")
+
+    def _page(self, req: BaseHTTPRequestHandler, index: int, project: str) -> None:
+        if index >= len(self.upstreams):
+            req.send_error(404)
+            return
+        page_url = f"{self.upstreams[index]}/{project}/"
+        with self._open(page_url, "text/html") as resp:
+            body = resp.read().decode("utf-8", "replace")
+            page_url = resp.geturl()
+        parser = _Links()
+        parser.feed(body)
+        for href in set(parser.hrefs):
+            absolute, _, fragment = urllib.parse.urljoin(page_url, href).partition("#")
+            name = absolute.rsplit("/", 1)[-1]
+            local = f"/files/{_token(absolute)}/{name}" + (f"#{fragment}" if fragment else "")
+            body = body.replace(f'href="{href}"', f'href="{local}"')
+        self._send(req, body.encode(), "text/html; charset=utf-8")
+
+    def _link(self, req: BaseHTTPRequestHandler, index: int, name: str | None) -> None:
+        """A local find-links folder: served as is, never counted as upstream bytes."""
+        if index >= len(self.links):
+            req.send_error(404)
+            return
+        folder = self.links[index]
+        if name is None:
+            anchors = "".join(f'<a href="{p.name}">{p.name}</a>\n' for p in sorted(folder.iterdir()) if p.is_file())
+            self._send(req, f"<html><body>\n{anchors}</body></html>\n".encode(), "text/html")
+            return
+        path = folder / name
+        if "/" in name or not path.is_file():
+            req.send_error(404)
+            return
+        self._send_file(req, path)
+
+    def _send(self, req: BaseHTTPRequestHandler, data: bytes, kind: str) -> None:
+        req.send_response(200)
+        req.send_header("Content-Type", kind)
+        req.send_header("Content-Length", str(len(data)))
+        req.end_headers()
+        req.wfile.write(data)
+
+    def _send_file(self, req: BaseHTTPRequestHandler, path: Path) -> None:
+        req.send_response(200)
+        req.send_header("Content-Type", "application/octet-stream")
+        req.send_header("Content-Length", str(path.stat().st_size))
+        req.end_headers()
+        with path.open("rb") as fh:
+            shutil.copyfileobj(fh, req.wfile, 1 << 20)
+
+    def _file(self, req: BaseHTTPRequestHandler, upstream: str, name: str) -> None:
+        base = upstream.rsplit("/", 1)[-1]
+        if name != base and name.startswith(base):  # e.g. the PEP 658 `.metadata` beside a wheel
+            upstream += name[len(base):]
+        key = hashlib.sha256(upstream.encode()).hexdigest()
+        path = self.cache_dir / key[:2] / f"{key[2:16]}-{name}"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+            try:
+                with os.fdopen(fd, "wb") as out, self._open(upstream, "*/*") as resp:
+                    shutil.copyfileobj(resp, out, 1 << 20)
+                    fetched = out.tell()
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            with self._lock:
+                self.upstream_bytes += fetched
+        else:
+            with self._lock:
+                self.cached_bytes += path.stat().st_size
+        self._send_file(req, path)
+
+
+@contextmanager
+def serve(sources: Sources, primary_index: str | None) -> Iterator[tuple[dict[str, bytes], PackageProxy | None]]:
+    """The sources/ files for one cell's build, with its proxy running while the build runs."""
+    if not sources.proxy:
+        yield sources.context_files(primary_index, None), None
+        return
+    upstreams = sources.indexes_for(primary_index)
+    with PackageProxy(upstreams, sources.cache_dir, sources.ssl_context(), sources.local_links()) as proxy:
+        yield sources.context_files(primary_index, proxy.url), proxy

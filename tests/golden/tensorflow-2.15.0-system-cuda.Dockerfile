@@ -1,0 +1,58 @@
+# builder/tensorflow:2.15.0-cuda12.2-cudnn8.9-py3.10-runtime-cuda-runtime-ubuntu22.04
+# Classic-builder syntax only: the Docker SDK cannot drive BuildKit.
+# --- OS base: shared by the builder and final stages, so both reuse the same cached layers.
+FROM nvidia/cuda:12.2.2-cudnn8-runtime-ubuntu22.04 AS os
+LABEL org.builder.managed="true"
+ENV DEBIAN_FRONTEND=noninteractive \
+    LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# --- Python 3.10 (system), before any CUDA or framework layer.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+
+# --- Builder stage: the only stage that sees build-time package sources (CA bundle, indexes, wheelhouse).
+FROM os AS builder
+COPY sources/ /opt/builder-sources/
+COPY requirements.txt /opt/builder-sources/requirements.txt
+RUN python3 -m venv /opt/venv \
+ && PIP_CONFIG_FILE=/opt/builder-sources/pip.conf /opt/venv/bin/pip install --no-cache-dir --no-compile \
+      -r /opt/builder-sources/requirements.txt \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock
+
+# --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
+FROM os
+# --- A non-root user with a numeric UID, so runtimes that refuse root (runAsNonRoot) accept the image.
+RUN useradd --uid 10001 --user-group --create-home --shell /bin/bash app
+
+# --- CUDA 12.2 from the nvidia/cuda base image.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=12.2 driver>=525"
+
+COPY --from=builder /opt/venv /opt/venv
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH}
+
+# --- The smoke payload and what the cell claims, for `builder certify`.
+COPY smoke/ /opt/builder/smoke/
+COPY cell.json /opt/builder/cell.json
+LABEL org.opencontainers.image.title="tensorflow" \
+      org.opencontainers.image.version="2.15.0" \
+      org.opencontainers.image.base.name="nvidia/cuda:12.2.2-cudnn8-runtime-ubuntu22.04" \
+      org.opencontainers.image.description="tensorflow 2.15.0, cuda12.2, Python 3.10, runtime" \
+      org.builder.tag="builder/tensorflow:2.15.0-cuda12.2-cudnn8.9-py3.10-runtime-cuda-runtime-ubuntu22.04" \
+      org.builder.framework="tensorflow" \
+      org.builder.framework.version="2.15.0" \
+      org.builder.cuda="12.2" \
+      org.builder.cudnn="8.9.4.25" \
+      org.builder.python="3.10" \
+      org.builder.flavor="runtime" \
+      org.builder.driver.min="525"
+USER 10001:10001
+WORKDIR /home/app
+CMD ["python", "/opt/builder/smoke/payload.py", "--claims", "/opt/builder/cell.json"]
+

@@ -1,0 +1,61 @@
+# builder/tensorflow:2.18.0-cuda12.5-cudnn9.3-py3.11-runtime-debian12
+# Classic-builder syntax only: the Docker SDK cannot drive BuildKit.
+# --- OS base: shared by the builder and final stages, so both reuse the same cached layers.
+FROM debian:bookworm-slim AS os
+LABEL org.builder.managed="true"
+ENV DEBIAN_FRONTEND=noninteractive \
+    LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# --- Python 3.11 (system), before any CUDA or framework layer.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+
+# --- Builder stage: the only stage that sees build-time package sources (CA bundle, indexes, wheelhouse).
+FROM os AS builder
+COPY sources/ /opt/builder-sources/
+COPY requirements.txt /opt/builder-sources/requirements.txt
+RUN python3 -m venv /opt/venv \
+ && PIP_CONFIG_FILE=/opt/builder-sources/pip.conf /opt/venv/bin/pip install --no-cache-dir --no-compile \
+      -r /opt/builder-sources/requirements.txt \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock
+
+# --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
+FROM os
+# --- A non-root user with a numeric UID, so runtimes that refuse root (runAsNonRoot) accept the image.
+RUN useradd --uid 10001 --user-group --create-home --shell /bin/bash app
+
+# --- CUDA 12.5 from the framework's pip nvidia-* wheels.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=12.5 driver>=525"
+# TensorFlow does not find its pip CUDA libraries by itself: put every nvidia/*/lib on the loader path.
+ENV LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cublas/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cuda_cupti/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cuda_nvcc/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cuda_nvrtc/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cudnn/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cufft/lib:/opt/venv/lib/python3.11/site-packages/nvidia/curand/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cusolver/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cusparse/lib:/opt/venv/lib/python3.11/site-packages/nvidia/nccl/lib:/opt/venv/lib/python3.11/site-packages/nvidia/nvjitlink/lib \
+    PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cuda_nvcc/bin:${PATH}
+
+COPY --from=builder /opt/venv /opt/venv
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH}
+
+# --- The smoke payload and what the cell claims, for `builder certify`.
+COPY smoke/ /opt/builder/smoke/
+COPY cell.json /opt/builder/cell.json
+LABEL org.opencontainers.image.title="tensorflow" \
+      org.opencontainers.image.version="2.18.0" \
+      org.opencontainers.image.base.name="debian:bookworm-slim" \
+      org.opencontainers.image.description="tensorflow 2.18.0, cuda12.5, Python 3.11, runtime" \
+      org.builder.tag="builder/tensorflow:2.18.0-cuda12.5-cudnn9.3-py3.11-runtime-debian12" \
+      org.builder.framework="tensorflow" \
+      org.builder.framework.version="2.18.0" \
+      org.builder.cuda="12.5" \
+      org.builder.cudnn="9.3.0.75" \
+      org.builder.python="3.11" \
+      org.builder.flavor="runtime" \
+      org.builder.driver.min="525"
+USER 10001:10001
+WORKDIR /home/app
+CMD ["python", "/opt/builder/smoke/payload.py", "--claims", "/opt/builder/cell.json"]
+

@@ -1,0 +1,58 @@
+# builder/torch:2.4.1-cuda12.1-cudnn9.1-py3.11-runtime-debian12
+# Classic-builder syntax only: the Docker SDK cannot drive BuildKit.
+# --- OS base: shared by the builder and final stages, so both reuse the same cached layers.
+FROM debian:bookworm-slim AS os
+LABEL org.builder.managed="true"
+ENV DEBIAN_FRONTEND=noninteractive \
+    LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# --- Python 3.11 (system), before any CUDA or framework layer.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+
+# --- Builder stage: the only stage that sees build-time package sources (CA bundle, indexes, wheelhouse).
+FROM os AS builder
+COPY sources/ /opt/builder-sources/
+COPY requirements.txt /opt/builder-sources/requirements.txt
+RUN python3 -m venv /opt/venv \
+ && PIP_CONFIG_FILE=/opt/builder-sources/pip.conf /opt/venv/bin/pip install --no-cache-dir --no-compile \
+      -r /opt/builder-sources/requirements.txt \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock
+
+# --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
+FROM os
+# --- A non-root user with a numeric UID, so runtimes that refuse root (runAsNonRoot) accept the image.
+RUN useradd --uid 10001 --user-group --create-home --shell /bin/bash app
+
+# --- CUDA 12.1 from the framework's pip nvidia-* wheels.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=12.1 driver>=525"
+
+COPY --from=builder /opt/venv /opt/venv
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH}
+
+# --- The smoke payload and what the cell claims, for `builder certify`.
+COPY smoke/ /opt/builder/smoke/
+COPY cell.json /opt/builder/cell.json
+LABEL org.opencontainers.image.title="torch" \
+      org.opencontainers.image.version="2.4.1" \
+      org.opencontainers.image.base.name="debian:bookworm-slim" \
+      org.opencontainers.image.description="torch 2.4.1, cuda12.1, Python 3.11, runtime" \
+      org.builder.tag="builder/torch:2.4.1-cuda12.1-cudnn9.1-py3.11-runtime-debian12" \
+      org.builder.framework="torch" \
+      org.builder.framework.version="2.4.1" \
+      org.builder.cuda="12.1" \
+      org.builder.cudnn="9.1.0.70" \
+      org.builder.python="3.11" \
+      org.builder.flavor="runtime" \
+      org.builder.driver.min="525"
+USER 10001:10001
+WORKDIR /home/app
+CMD ["python", "/opt/builder/smoke/payload.py", "--claims", "/opt/builder/cell.json"]
+

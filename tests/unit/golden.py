@@ -1,0 +1,37 @@
+"""Golden Dockerfiles: a handful of cells of the default matrix, rendered. `make golden` refreshes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder.matrix import Cell, Selection, expand, load_matrix
+from builder.render import dockerfile
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "golden"
+# name -> the tag glob that picks exactly one cell
+CELLS = {
+    "torch-2.4.1-cuda12.1-py3.11": "builder/torch:2.4.1-cuda12.1-*-py3.11-runtime-debian12",
+    "torch-2.4.1-cpu-py3.11": "builder/torch:2.4.1-cpu-py3.11-runtime-debian12",
+    "torch-2.4.1-cuda12.1-py3.12-devel-deadsnakes": "builder/torch:2.4.1-cuda12.1-*-py3.12-devel-*",
+    "tensorflow-2.18.0-cuda12.5-py3.11": "builder/tensorflow:2.18.0-cuda12.5-*-py3.11-runtime-debian12",
+    "tensorflow-2.15.0-system-cuda": "builder/tensorflow:2.15.0-cuda12.2-*",
+    "tensorflow-2.18.0-cpu-py3.11": "builder/tensorflow:2.18.0-cpu-py3.11-*",
+}
+
+
+def cell(name: str) -> Cell:
+    cells, _ = expand(load_matrix(ROOT / "matrix.yaml"), Selection(only=(CELLS[name],)))
+    assert len(cells) == 1, (name, [c.tag for c in cells])
+    return cells[0]
+
+
+def main() -> None:
+    for name in CELLS:
+        path = GOLDEN / f"{name}.Dockerfile"
+        path.write_text(dockerfile(cell(name)))
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

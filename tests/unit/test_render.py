@@ -1,0 +1,65 @@
+"""Rendering: golden Dockerfiles, what a context holds, and the content hash."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from builder.render import DEFAULT_SOURCES, content_hash, dockerfile, render
+
+from .golden import CELLS, GOLDEN, cell
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_dockerfile_matches_golden(name):
+    expected = (GOLDEN / f"{name}.Dockerfile").read_text()
+    assert dockerfile(cell(name)) == expected, f"run `make golden` if the change to {name} is deliberate"
+
+
+def test_context_holds_dockerfile_requirements_claims_and_payload():
+    ctx = render(cell("torch-2.4.1-cuda12.1-py3.11"))
+    assert set(ctx.files) == {"Dockerfile", "requirements.txt", "cell.json", "smoke/payload.py"}
+    assert ctx.files["requirements.txt"] == b"torch==2.4.1\ntorchvision==0.19.1\n"
+    claims = json.loads(ctx.files["cell.json"])
+    assert claims["cuda"] == "12.1" and claims["cudnn"] == "9.1.0.70" and claims["python"] == "3.11"
+    assert claims["tag"] == "builder/torch:2.4.1-cuda12.1-cudnn9.1-py3.11-runtime-debian12"
+
+
+def test_write_adds_default_sources_so_plain_docker_build_works(tmp_path):
+    ctx = render(cell("torch-2.4.1-cpu-py3.11"))
+    target = ctx.write(tmp_path)
+    for rel in [*ctx.files, *DEFAULT_SOURCES]:
+        assert (target / rel).is_file(), rel
+
+
+def test_hash_is_stable_and_sensitive():
+    c = cell("torch-2.4.1-cuda12.1-py3.11")
+    first, second = render(c), render(c)
+    assert first.content_hash == second.content_hash
+    # a pinned value: the hash must not depend on the machine, the time or dict order
+    assert first.content_hash == content_hash(dict(reversed(list(first.files.items()))), c.base.image)
+    other_base = dataclasses.replace(c, base=dataclasses.replace(c.base, image="debian:bookworm"))
+    assert render(other_base).content_hash != first.content_hash
+    other_req = dataclasses.replace(c, requirements=("torch==2.4.0",))
+    assert render(other_req).content_hash != first.content_hash
+
+
+def test_final_stage_sees_no_build_sources():
+    text = dockerfile(cell("tensorflow-2.18.0-cuda12.5-py3.11"))
+    final = text[text.rindex("\nFROM os\n"):]
+    assert "builder-sources" not in final and "COPY sources" not in final
+    assert "COPY --from=builder /opt/venv /opt/venv" in final
+    assert "USER 10001:10001" in final
+
+
+def test_templates_hold_no_versions():
+    import re
+
+    from builder.render import TEMPLATES
+
+    for path in TEMPLATES.rglob("*.j2"):
+        text = path.read_text()
+        assert not re.search(r"\b\d+\.\d+\.\d+\b", text), path
+        assert not re.search(r"(python|cuda|torch|tensorflow)\s*[=:]?\s*\d+\.\d+", text, re.I), path
