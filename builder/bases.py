@@ -51,18 +51,18 @@ def _bootstrap(engine: Engine, base: Base) -> str:
     return image_id
 
 
-def ensure_base(engine: Engine, base: Base) -> str:
-    """The id of `base`'s image, made available by the first way that works."""
+def ensure_base(engine: Engine, base: Base) -> tuple[str, str]:
+    """(image id, how it was had: local, pulled or bootstrapped), by the first way that works."""
     found = engine.image(base.image)
     if found is not None:
-        return found.id
+        return found.id, "local"
     tried = [f"not in the engine at {engine.address}"]
     try:
         log.info("base %s: pulling ...", base.image)
         engine.pull(base.image)
         pulled = engine.image(base.image)
         if pulled is not None:
-            return pulled.id
+            return pulled.id, "pulled"
         tried.append("pull: finished without the image")
     except EngineError as exc:
         tried.append(f"pull failed: {str(exc).splitlines()[0][:160]}")
@@ -70,7 +70,7 @@ def ensure_base(engine: Engine, base: Base) -> str:
         tried.append("no bootstrap configured for it in the matrix")
     else:
         try:
-            return _bootstrap(engine, base)
+            return _bootstrap(engine, base), "bootstrapped"
         except (RuntimeError, OSError, EngineError) as exc:
             tried.append(f"bootstrap failed: {exc}")
     raise BaseImageError(

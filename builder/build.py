@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from builder import __version__
 from builder.bases import ensure_base
@@ -188,22 +188,35 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+class Result(Protocol):
+    @property
+    def cell(self) -> Cell: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+
+R = TypeVar("R", bound=Result)
+
+
 def run_pool(
     cells: list[Cell],
     jobs: int,
-    work: Callable[[Cell, threading.Event], BuildResult],
-    on_done: Callable[[BuildResult], None],
+    work: Callable[[Cell, threading.Event], R],
+    on_done: Callable[[R], None],
+    placeholder: Callable[[Cell, str], R],
     cleanup: Callable[[], int],
     fail_fast: bool = False,
-) -> list[BuildResult]:
+) -> list[R]:
     """Run `work` for each cell in a bounded pool. Ctrl-C: stop, clean up, then raise Interrupted.
 
-    Shared by build and certify: both need the same stop-and-clean-up behaviour.
+    Shared by build and certify, which need the same stop-and-clean-up behaviour. `placeholder` makes
+    the result of a cell that never ran ("skipped" or "interrupted").
     """
     stop = threading.Event()
-    results: dict[str, BuildResult] = {}
+    results: dict[str, R] = {}
     pending = list(cells)
-    running: dict[Future[BuildResult], Cell] = {}
+    running: dict[Future[R], Cell] = {}
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     failed = False
     try:
@@ -221,26 +234,24 @@ def run_pool(
                 failed = failed or not result.ok
                 on_done(result)
         for cell in pending:
-            results[cell.tag] = BuildResult(cell=cell, status="skipped", error="--fail-fast: an earlier cell failed")
+            results[cell.tag] = placeholder(cell, "skipped")
     except KeyboardInterrupt:
         stop.set()
         log.warning("interrupted: stopping %d job(s) and removing their containers ...", len(running))
         deadline = time.monotonic() + 120
         while running and time.monotonic() < deadline:
-            cleanup()  # kills the RUN step in flight, so the engine ends the build now
+            cleanup()  # kills the step in flight, so the engine ends that build or run now
             done, _ = wait(list(running), timeout=1)
             for fut in done:
                 cell = running.pop(fut)
-                exc = fut.exception()
-                if exc is None:
+                if fut.exception() is None:
                     results[cell.tag] = fut.result()
         cleanup()
         for cell in [*running.values(), *pending]:
-            results.setdefault(cell.tag, BuildResult(cell=cell, status="interrupted"))
+            results.setdefault(cell.tag, placeholder(cell, "interrupted"))
         pool.shutdown(wait=False, cancel_futures=True)
-        raise Interrupted(
-            f"interrupted: {sum(r.ok for r in results.values())} finished image(s) and their records were kept"
-        ) from None
+        kept = sum(r.ok for r in results.values())
+        raise Interrupted(f"interrupted: {kept} finished image(s) and their records were kept") from None
     pool.shutdown(wait=True)
     return [results[c.tag] for c in cells]
 
@@ -264,6 +275,7 @@ def build_cells(engine: Engine, cells: list[Cell], options: BuildOptions) -> lis
     with Progress(cells) as progress:
         try:
             results = run_pool(cells, options.jobs, work, progress.done,
+                               lambda cell, status: BuildResult(cell=cell, status=status),
                                lambda: engine.remove_containers(MANAGED, since), options.fail_fast)
         finally:
             if not options.keep_cache:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from builder import __version__
+from builder.bases import ensure_base
 from builder.build import BuildOptions, BuildResult, build_cells
-from builder.engine import Engine
-from builder.errors import BuilderError, UsageError
+from builder.certify import CertifyOptions, CertifyResult, certify_cells
+from builder.engine import MANAGED, TAG, Engine
+from builder.errors import BaseImageError, BuilderError, UsageError
 from builder.matrix import Cell, Selection, expand, load_matrix
 from builder.render import render
 from builder.sources import Sources
@@ -154,6 +156,66 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def certify_summary(results: list[CertifyResult]) -> str:
+    rows = [{"cell": r.cell.tag, "level": r.level, "time": f"{r.seconds:.0f} s",
+             "detail": r.summary[:140]} for r in results]
+    return table(rows)
+
+
+def _certify_options(args: argparse.Namespace) -> CertifyOptions:
+    gpus = args.gpus
+    if gpus not in ("auto", "all", "none") and not gpus.isdigit():
+        raise UsageError(f"--gpus {gpus}: use auto, all, none or a number of GPUs")
+    return CertifyOptions(state_dir=Path(args.state), gpus=gpus, require_gpu=args.require_gpu,
+                          timeout=args.timeout, memory=args.memory, jobs=args.jobs)
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    cells = select_cells(args)
+    options = _certify_options(args)
+    engine = Engine.connect()
+    log.info("certifying %d image(s) on %s", len(cells), engine.address)
+    results = certify_cells(engine, cells, options)
+    print(certify_summary(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _certify_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpus", default="auto", help="auto (when the engine has the NVIDIA runtime), all, "
+                        "none, or a number (default auto)")
+    parser.add_argument("--require-gpu", action="store_true", help="fail unless every image is gpu-certified")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds one image's run may take (default 900)")
+    parser.add_argument("--memory", default="8g", help="memory limit of a run (default 8g)")
+
+
+def cmd_base(args: argparse.Namespace) -> int:
+    bases = {c.base.image: c.base for c in select_cells(args) if not args.names or c.base.name in args.names}
+    if args.names and not bases:
+        raise UsageError(f"{args.matrix}: no selected cell uses base {', '.join(args.names)}")
+    engine = Engine.connect()
+    rows, failed = [], 0
+    for image, base in sorted(bases.items()):
+        try:
+            image_id, how = ensure_base(engine, base)
+            rows.append({"base": base.name, "image": image, "result": how, "id": image_id.split(":")[-1][:12]})
+        except BaseImageError as exc:
+            failed += 1
+            print(f"error: {exc}", file=sys.stderr)
+            rows.append({"base": base.name, "image": image, "result": "failed", "id": "-"})
+    print(table(rows))
+    return 1 if failed else 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    cells = select_cells(args)
+    engine = Engine.connect()
+    containers = engine.remove_containers(MANAGED)
+    images = sum(engine.remove_images_with_label(TAG, c.tag) for c in cells)
+    engine.prune_dangling(MANAGED)
+    print(f"removed {images} image(s) of {len(cells)} cell(s) and {containers} leftover container(s)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m builder", description=__doc__)
     top.add_argument("--matrix", default=os.environ.get("BUILDER_MATRIX", "matrix.yaml"),
@@ -181,6 +243,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date image exists")
     p.add_argument("--fail-fast", action="store_true", help="start no new build after a failure")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("certify", help="run the smoke test in each built image and write its certificate")
+    _selectors(p)
+    _state_option(p)
+    _certify_flags(p)
+    p.add_argument("-j", "--jobs", type=int, default=1, help="images certified at once (default 1)")
+    p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("base", help="make the base images available (local, pull, or bootstrap)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="base names from the matrix (default: all used)")
+    _selectors(p)
+    p.set_defaults(func=cmd_base)
+
+    p = sub.add_parser("clean", help="remove the selected cells' images and any leftover builder containers")
+    _selectors(p)
+    p.set_defaults(func=cmd_clean)
     return top
 
 

@@ -110,9 +110,10 @@ class Engine:
         except docker.errors.APIError as exc:
             raise EngineError(f"engine at {self.address} failed to inspect {ref}: {exc.explanation}") from None
 
-    def images_with_label(self, key: str, value: str | None = None) -> list[ImageInfo]:
+    def images_with_label(self, key: str, value: str | None = None, all_images: bool = False) -> list[ImageInfo]:
+        """Images carrying the label; all_images also finds untagged parents of other images."""
         flt = f"{key}={value}" if value is not None else key
-        found = self.api.images(filters={"label": flt})
+        found = self.api.images(all=all_images, filters={"label": flt})
         return [info for img in found if (info := self.image(img["Id"])) is not None]
 
     def history(self, image_id: str) -> list[dict[str, Any]]:
@@ -139,6 +140,19 @@ class Engine:
             raise EngineError(f"importing {ref} failed: {str(result)[-300:]}")
         return info.id
 
+    def stamp(self, image_id: str, ref: str, labels: dict[str, str]) -> str:
+        """Commit a thin layer on `image_id` that adds `labels`, and point `ref` at it."""
+        repo, _, tag = ref.rpartition(":")
+        changes = [f'LABEL {k}="{v}"' for k, v in labels.items()]
+        cid = self.api.create_container(image_id, command=["true"], labels={MANAGED: "true"})["Id"]
+        try:
+            result = self.api.commit(cid, repository=repo, tag=tag, changes=changes)
+        except docker.errors.APIError as exc:
+            raise EngineError(f"labelling {ref} failed: {exc.explanation}") from None
+        finally:
+            self.api.remove_container(cid, force=True)
+        return str(result["Id"])
+
     def tag(self, image_id: str, ref: str) -> None:
         repo, _, tag = ref.rpartition(":")
         self.api.tag(image_id, repo, tag, force=True)
@@ -150,6 +164,15 @@ class Engine:
         except docker.errors.APIError as exc:
             raise EngineError(f"pruning images failed: {exc.explanation}") from None
         return int(pruned.get("SpaceReclaimed") or 0)
+
+    def remove_images_with_label(self, key: str, value: str) -> int:
+        """Remove every image carrying key=value, stamped children before their parents."""
+        found = self.images_with_label(key, value, all_images=True)
+        found.sort(key=lambda i: LEVEL not in i.labels)  # certificate layers first
+        for info in found:
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                self.api.remove_image(info.id, force=True)
+        return len(found)
 
     def remove_image(self, ref: str) -> None:
         with contextlib.suppress(docker.errors.ImageNotFound):
@@ -223,8 +246,8 @@ class Engine:
         labels: dict[str, str],
         timeout: float,
         mem_limit: str,
-        gpus: int | None,
-        fetch: str,
+        gpus: int | None = None,
+        fetch: str | None = None,
         stop: threading.Event | None = None,
     ) -> RunResult:
         """Run `command` in a fresh container of `image_id`; return its logs and the file `fetch`.
@@ -264,6 +287,8 @@ class Engine:
             logs = self.api.logs(cid, stdout=True, stderr=True).decode("utf-8", "replace")
             files: dict[str, bytes] = {}
             try:
+                if fetch is None:
+                    raise docker.errors.NotFound("nothing to fetch")
                 chunks, _ = self.api.get_archive(cid, fetch)
                 with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
                     for member in tar.getmembers():

@@ -1,0 +1,92 @@
+"""Integration fixtures: a real Docker engine, a test copy of the matrix, and clean-up by label."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from builder.engine import MANAGED, TAG, Engine
+from builder.errors import EngineError
+
+ROOT = Path(__file__).resolve().parents[2]
+REPOSITORY = "builder-test"
+TORCH = ["--framework", "torch==2.4.1", "--cuda", "12.1", "--python", "3.11"]
+TF = ["--framework", "tensorflow==2.18.0", "--cuda", "12.5", "--python", "3.11"]
+TORCH_TAG = f"{REPOSITORY}/torch:2.4.1-cuda12.1-cudnn9.1-py3.11-runtime-debian12"
+TF_TAG = f"{REPOSITORY}/tensorflow:2.18.0-cuda12.5-cudnn9.3-py3.11-runtime-debian12"
+
+pytestmark = pytest.mark.engine
+
+
+@dataclass
+class Work:
+    root: Path
+    matrix: Path
+    state: Path
+    cache: Path
+
+    def cli(self, *args: str, matrix: Path | None = None, env: dict[str, str] | None = None,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "builder", "--matrix", str(matrix or self.matrix), *args]
+        if args and args[0] in ("build", "certify"):
+            cmd += ["--state", str(self.state)]
+        if args and args[0] == "build":
+            cmd += ["--cache-dir", str(self.cache)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "CI": "1", **(env or {})}, timeout=1800)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def record(self, tag: str) -> dict:
+        from builder.build import safe_name
+
+        return json.loads((self.state / "records" / f"{safe_name(tag)}.json").read_text())
+
+    def certificate(self, tag: str) -> dict:
+        from builder.build import safe_name
+
+        return json.loads((self.state / "certificates" / f"{safe_name(tag)}.json").read_text())
+
+
+def managed_containers(engine: Engine) -> list[dict]:
+    return list(engine.api.containers(all=True, filters={"label": MANAGED}))
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    try:
+        return Engine.connect()
+    except EngineError as exc:
+        if os.environ.get("BUILDER_REQUIRE_ENGINE"):
+            pytest.fail(str(exc))
+        pytest.skip(f"no engine: {exc}")
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory, engine) -> Work:
+    root = tmp_path_factory.mktemp("builder-it")
+    text = (ROOT / "matrix.yaml").read_text().replace("repository: builder\n", f"repository: {REPOSITORY}\n", 1)
+    assert f"repository: {REPOSITORY}" in text
+    (root / "matrix.yaml").write_text(text)
+    yield Work(root=root, matrix=root / "matrix.yaml", state=root / "state", cache=root / "cache")
+    # Remove what the tests made, by label: every image tagged into the test repository.
+    for info in engine.images_with_label(TAG, all_images=True):
+        if info.labels.get(TAG, "").startswith(f"{REPOSITORY}/"):
+            engine.remove_images_with_label(TAG, info.labels[TAG])
+    engine.remove_containers(MANAGED)
+    engine.prune_dangling(MANAGED)
+
+
+@pytest.fixture(scope="session")
+def torch_built(work) -> dict:
+    """The real torch 2.4.1 / CUDA 12.1 / Python 3.11 cell, built now (--force: an existing image is no proof)."""
+    proc = work.cli("build", *TORCH, "--force", check=True)
+    assert "built" in proc.stdout, proc.stdout
+    return work.record(TORCH_TAG)

@@ -1,0 +1,159 @@
+"""Real builds on a real engine: what was built, up-to-date skips, the package cache, build-time sources."""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.engine import HASH, MANAGED, TAG
+from builder.sources import PackageProxy
+
+from .conftest import ROOT, TF, TF_TAG, TORCH, TORCH_TAG, managed_containers
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+
+def run_python(engine, image_id: str, code: str) -> str:
+    result = engine.run(image_id, ["python", "-c", code], labels={}, timeout=300, mem_limit="4g")
+    assert result.exit_code == 0, result.logs
+    return result.logs.strip().splitlines()[-1]
+
+
+def test_torch_cell_is_built_as_claimed(engine, work, torch_built):
+    info = engine.image(TORCH_TAG)
+    assert info is not None and info.id == torch_built["image_id"]
+    labels = info.labels
+    assert labels[HASH] == torch_built["content_hash"] and labels[TAG] == TORCH_TAG and labels[MANAGED] == "true"
+    assert labels["org.opencontainers.image.base.name"] == "debian:bookworm-slim"
+    assert labels["org.opencontainers.image.version"] == "2.4.1"
+    assert labels["org.opencontainers.image.created"].endswith("Z")
+    assert labels["org.opencontainers.image.revision"]
+    assert labels["org.builder.cuda"] == "12.1" and labels["org.builder.cudnn"] == "9.1.0.70"
+    assert info.user == "10001:10001"
+    assert "NVIDIA_REQUIRE_CUDA=cuda>=12.1 driver>=525" in info.env
+    out = run_python(engine, info.id, "import os, sys, torch; print(os.getuid(), sys.version_info[:2], "
+                     "torch.__version__, torch.version.cuda, torch.backends.cudnn.version())")
+    assert out == "10001 (3, 11) 2.4.1+cu121 12.1 90100"
+    assert "torch==2.4.1" in torch_built["lock"] and "nvidia-cudnn-cu12==9.1.0.70" in torch_built["lock"]
+    assert torch_built["upstream_bytes"] > 1_000_000_000  # a fresh cache: everything came from upstream
+
+
+def test_second_build_is_up_to_date_and_builds_nothing(engine, work, torch_built):
+    proc = work.cli("build", *TORCH, check=True)
+    row = next(line for line in proc.stdout.splitlines() if line.startswith(TORCH_TAG))
+    assert "up to date" in row
+    assert "step 1/" not in proc.stderr  # no build was started
+    assert work.record(TORCH_TAG)["image_id"] == torch_built["image_id"]
+
+
+def test_python_only_sibling_fetches_far_fewer_bytes(work, torch_built):
+    """Download what the py3.9 sibling needs through the same cache: only its cp39 wheels are new."""
+    dest = work.root / "sibling"
+    with PackageProxy(["https://pypi.org/simple"], work.cache, ssl.create_default_context(
+            cafile=os.environ.get("PIP_CERT") or None)) as proxy:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--isolated", "--quiet", "--dest", str(dest),
+                        "--index-url", f"{proxy.url}/0/simple", "--only-binary=:all:", "--python-version", "3.9",
+                        "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
+                        "--platform", "manylinux1_x86_64", "torch==2.4.1", "torchvision==0.19.1"],
+                       check=True, timeout=900)
+        sibling = proxy.upstream_bytes
+        reused = proxy.cached_bytes
+    first = torch_built["upstream_bytes"]
+    assert sibling < 0.4 * first, (sibling, first)
+    assert reused > 2_000_000_000  # the nvidia wheels came from the cache
+
+
+def _bundle_with_marker(tmp: Path) -> tuple[Path, bytes]:
+    """A copy of the host CA bundle with a unique comment line (OpenSSL ignores text outside PEM blocks)."""
+    source = Path(os.environ.get("PIP_CERT") or ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
+    marker = f"# builder-test-marker-{os.getpid()}-{time.time_ns()}".encode()
+    path = tmp / "ca.pem"
+    path.write_bytes(source.read_bytes() + b"\n" + marker + b"\n")
+    return path, marker
+
+
+def test_tf_cell_builds_with_sources_kept_out_of_the_image(engine, work, tmp_path):
+    ca, marker = _bundle_with_marker(tmp_path)
+    index = "https://pypi.org:443/simple"  # a spelling no package would carry
+    proc = work.cli("build", *TF, "--force", "--no-proxy", "--ca-bundle", str(ca), "--index-url", index,
+                    env={"PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": ""}, check=True)
+    assert "built" in proc.stdout
+    info = engine.image(TF_TAG)
+    assert info is not None
+    lib_path = next(e for e in info.env if e.startswith("LD_LIBRARY_PATH="))
+    assert "/opt/venv/lib/python3.11/site-packages/nvidia/cudnn/lib" in lib_path
+    out = run_python(engine, info.id, "import tensorflow as tf; b = tf.sysconfig.get_build_info(); "
+                     "print(tf.__version__, b['cuda_version'], b['cudnn_version'])")
+    assert out == "2.18.0 12.5.1 9"
+    # The builder stage did see the bundle: its log shows pip reaching the index with it.
+    log = (work.state / "logs" / f"{TF_TAG.replace('/', '_').replace(':', '_')}.log").read_text()
+    assert "pypi.org:443" in log
+    needles = [marker, index.encode(), b"builder-sources"]
+    history = " ".join(str(h.get("CreatedBy", "")) for h in engine.history(info.id))
+    config = " ".join([*info.env, *info.labels.values(), *info.labels])
+    for needle in needles[:2]:
+        assert needle.decode() not in history and needle.decode() not in config
+    found = {n: 0 for n in needles}
+    carry = b""
+    for chunk in engine.save(info.id):
+        data = carry + chunk
+        for n in needles:
+            found[n] += data.count(n)
+        carry = data[-256:]
+    assert found[marker] == 0 and found[index.encode()] == 0, found
+
+
+def test_interrupted_build_leaves_no_containers(engine, work, torch_built):
+    log = work.state / "logs" / f"{TORCH_TAG.replace('/', '_').replace(':', '_')}.log"
+    cmd = [sys.executable, "-m", "builder", "--matrix", str(work.matrix), "build", *TORCH, "--force",
+           "--state", str(work.state), "--cache-dir", str(work.cache)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CI": "1"})
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # wait until pip is installing inside a RUN container
+        if log.exists() and "Collecting torch" in log.read_text() and managed_containers(engine):
+            break
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("the build never reached its pip install step")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert managed_containers(engine) == []
+    info = engine.image(TORCH_TAG)  # the image built before is kept
+    assert info is not None and info.id == torch_built["image_id"]
+
+
+def test_unreachable_base_names_all_three_attempts(work, tmp_path):
+    text = work.matrix.read_text().replace("image: debian:bullseye-slim", "image: example.invalid/none:1")
+    text = text.replace("bootstrap: {suite: bullseye, mirror: http://deb.debian.org/debian}\n", "", 1)
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text(text)
+    proc = work.cli("base", "debian11", "--framework", "torch==2.4.1", "--cuda", "12.1", matrix=matrix)
+    assert proc.returncode == 1
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1
+    assert "base debian11 (example.invalid/none:1): not in the engine" in err[0]
+    assert "pull failed" in err[0] and "no bootstrap configured" in err[0]
+
+
+def test_failed_build_shows_the_log_tail_and_keeps_going(work, tmp_path):
+    text = work.matrix.read_text().replace('companions: {torchvision: "0.19.1"}', 'companions: {torchvision: "0.0.1"}')
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text(text)
+    proc = work.cli("build", "--framework", "torch==2.4.1", "--cuda", "12.1", "--python", "3.11", matrix=matrix)
+    assert proc.returncode == 1
+    assert "build failed" in proc.stderr and "whole log:" in proc.stderr
+    assert "torchvision==0.0.1" in proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if "torch:2.4.1-cuda12.1" in line)
+    assert " failed " in row
+    assert str(ROOT)  # the repo stays untouched

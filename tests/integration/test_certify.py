@@ -1,0 +1,150 @@
+"""Certification of real images: the torch and TF cells, an image that lies, and clean-up on every path."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from builder.engine import CERT_DIGEST, HASH, LEVEL, MANAGED, SESSION, TAG
+from builder.matrix import Selection, expand, load_matrix
+from builder.render import render
+
+from .conftest import ROOT, TF, TF_TAG, TORCH, TORCH_TAG, managed_containers
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+
+def test_torch_certificate_proves_cuda_and_cudnn(engine, work, torch_built):
+    proc = work.cli("certify", *TORCH)
+    assert proc.returncode == 0, proc.stderr
+    assert TORCH_TAG in proc.stdout and "cpu-verified" in proc.stdout
+    cert = work.certificate(TORCH_TAG)
+    assert cert["level"] == "cpu-verified" and cert["reasons"] == []
+    assert cert["image"]["id"] == torch_built["image_id"]
+    assert cert["image"]["content_hash"] == torch_built["content_hash"]
+    checks = {c["name"]: c for c in cert["checks"]}
+    assert checks["claims.cuda"]["status"] == "pass" and checks["claims.cuda"]["values"]["measured"] == "12.1"
+    assert checks["claims.cudnn"]["status"] == "pass" and checks["claims.cudnn"]["values"]["measured"] == "9.1.0"
+    assert checks["train.cpu.mlp"]["status"] == "pass" and checks["checkpoint"]["status"] == "pass"
+    assert checks["gpu"]["status"] == "skip"
+    assert cert["inventory"]["cuda"] == "12.1" and cert["inventory"]["cudnn"] == "9.1.0"
+    assert cert["inventory"]["nvidia_wheels"]["nvidia-cudnn-cu12"] == "9.1.0.70"
+    assert cert["tool"]["name"] == "builder" and cert["time"].endswith("Z")
+    assert cert["host"]["gpus_requested"] is None
+    # the level and digest are on the image for `docker image inspect`, and in the index
+    info = engine.image(TORCH_TAG)
+    assert info.labels[LEVEL] == "cpu-verified" and info.labels[CERT_DIGEST] == cert["digest"]
+    assert info.labels[HASH] == torch_built["content_hash"]
+    index = json.loads((work.state / "certificates" / "index.json").read_text())
+    assert index[TORCH_TAG]["digest"] == cert["digest"]
+    assert managed_containers(engine) == []
+
+
+def test_certifying_again_does_not_stack_layers(engine, work, torch_built):
+    work.cli("certify", *TORCH, check=True)
+    first = engine.image(TORCH_TAG)
+    work.cli("certify", *TORCH, check=True)
+    second = engine.image(TORCH_TAG)
+    assert work.certificate(TORCH_TAG)["image"]["id"] == torch_built["image_id"]
+    assert len(engine.history(second.id)) == len(engine.history(first.id))
+
+
+def test_tf_certificate(engine, work):
+    if engine.image(TF_TAG) is None:
+        work.cli("build", *TF, check=True)
+    proc = work.cli("certify", *TF)
+    assert proc.returncode == 0, proc.stderr
+    cert = work.certificate(TF_TAG)
+    checks = {c["name"]: c for c in cert["checks"]}
+    assert cert["level"] == "cpu-verified"
+    assert checks["claims.cuda"]["values"]["measured"] == "12.5.1"
+    assert checks["claims.cudnn"]["values"]["measured"] == "9.3.0.75"
+    assert checks["train.cpu.conv"]["status"] == "pass"
+    assert managed_containers(engine) == []
+
+
+def _lying_image(engine, work, tmp_path, torch_built):
+    """The real torch image, relabelled as a cell that claims cuDNN 9.3: the image lies about its cuDNN."""
+    text = work.matrix.read_text().replace('"12.1": {cudnn: "9.1.0.70"}', '"12.1": {cudnn: "9.3.0.75"}', 1)
+    matrix = tmp_path / "lying.yaml"
+    matrix.write_text(text)
+    cells, _ = expand(load_matrix(matrix), Selection(framework="torch", framework_version="2.4.1", cuda="12.1",
+                                                     python="3.11", flavor="runtime"))
+    ctx = render(cells[0])
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("cell.json")
+        info.size = len(ctx.files["cell.json"])
+        tar.addfile(info, io.BytesIO(ctx.files["cell.json"]))
+    cid = engine.api.create_container(torch_built["image_id"], command=["true"], labels={MANAGED: "true"})["Id"]
+    try:
+        engine.api.put_archive(cid, "/opt/builder", buf.getvalue())
+        repo, _, tag = cells[0].tag.rpartition(":")
+        engine.api.commit(cid, repository=repo, tag=tag,
+                          changes=[f"LABEL {HASH}={ctx.content_hash}", f"LABEL {TAG}={cells[0].tag}"])
+    finally:
+        engine.api.remove_container(cid, force=True)
+    return matrix, cells[0].tag
+
+
+def test_image_lying_about_its_cudnn_fails_with_the_reason(engine, work, tmp_path, torch_built):
+    matrix, tag = _lying_image(engine, work, tmp_path, torch_built)
+    proc = work.cli("certify", "--only", tag, matrix=matrix)
+    assert proc.returncode == 1
+    assert "failed" in proc.stdout
+    assert "claims.cudnn: claims cuDNN 9.3, torch loads 9.1.0" in proc.stdout
+    cert = work.certificate(tag)
+    assert cert["level"] == "failed"
+    assert "claims.cudnn: claims cuDNN 9.3, torch loads 9.1.0" in cert["reasons"]
+    assert engine.image(tag).labels[LEVEL] == "failed"
+    assert managed_containers(engine) == []
+
+
+def test_gpus_all_without_nvidia_runtime_is_a_clear_failure(engine, work, torch_built):
+    if "nvidia" in engine.runtimes():
+        pytest.skip("this engine has the NVIDIA runtime")
+    proc = work.cli("certify", *TORCH, "--gpus", "all")
+    assert proc.returncode == 1
+    assert "has no NVIDIA runtime" in proc.stdout + proc.stderr
+    assert managed_containers(engine) == []
+
+
+def test_require_gpu_fails_without_a_gpu(engine, work, torch_built):
+    if "nvidia" in engine.runtimes():
+        pytest.skip("this engine has the NVIDIA runtime")
+    proc = work.cli("certify", *TORCH, "--require-gpu")
+    assert proc.returncode == 1
+    assert "--require-gpu" in proc.stdout
+
+
+def test_interrupted_certify_leaves_no_containers(engine, work, torch_built):
+    cmd = [sys.executable, "-m", "builder", "--matrix", str(work.matrix), "certify", *TORCH,
+           "--state", str(work.state)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CI": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if engine.api.containers(filters={"label": SESSION}):
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("certify never started its container")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert managed_containers(engine) == []
+
+
+def test_certify_before_build_says_what_to_do(work):
+    proc = work.cli("certify", "--framework", "torch==2.6.0", "--cuda", "cpu")
+    assert proc.returncode == 1
+    assert "run `python -m builder build` first" in proc.stdout

@@ -1,0 +1,118 @@
+"""Build-time sources: where they come from, what the builder stage gets, and the caching proxy."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from builder.errors import SourceError
+from builder.sources import PYPI, PackageProxy, Sources
+
+
+def test_flags_win_over_environment(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    env = {"PIP_CERT": "/nonexistent", "PIP_INDEX_URL": "https://mirror.example/simple/",
+           "PIP_EXTRA_INDEX_URL": "https://a.example/simple https://b.example/simple"}
+    src = Sources.from_env(ca_bundle=str(ca), index_url="https://flag.example/simple", environ=env)
+    assert src.ca_bundle == ca and src.index_url == "https://flag.example/simple"
+    assert src.extra_index_urls == ("https://a.example/simple", "https://b.example/simple")
+
+
+def test_environment_variables_in_order(tmp_path):
+    ca = tmp_path / "bundle.crt"
+    ca.write_text("x")
+    src = Sources.from_env(environ={"REQUESTS_CA_BUNDLE": str(ca), "SSL_CERT_FILE": "/nope"})
+    assert src.ca_bundle == ca and src.index_url == PYPI
+    assert Sources.from_env(environ={}).ca_bundle is None
+
+
+def test_missing_ca_bundle_is_a_clear_error():
+    with pytest.raises(SourceError, match=r"CA bundle /nope/ca\.pem does not exist"):
+        Sources.from_env(environ={"PIP_CERT": "/nope/ca.pem"})
+
+
+def test_proxy_mode_keeps_the_ca_bundle_on_the_host(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("SECRET")
+    src = Sources.from_env(ca_bundle=str(ca), environ={})
+    files = src.context_files("https://download.pytorch.org/whl/cpu", "http://127.0.0.1:9")
+    conf = files["sources/pip.conf"].decode()
+    assert "index-url = http://127.0.0.1:9/0/simple" in conf
+    assert "extra-index-url = http://127.0.0.1:9/1/simple" in conf
+    assert "sources/ca.pem" not in files and "cert" not in conf
+
+
+def test_direct_mode_gives_the_builder_stage_the_ca_bundle(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("SECRET")
+    src = Sources.from_env(ca_bundle=str(ca), proxy=False, environ={})
+    files = src.context_files(None, None)
+    assert files["sources/ca.pem"] == b"SECRET"
+    conf = files["sources/pip.conf"].decode()
+    assert "cert = /opt/builder-sources/ca.pem" in conf and f"index-url = {PYPI}" in conf
+
+
+def test_local_find_links_travel_only_in_direct_mode(tmp_path):
+    house = tmp_path / "house"
+    house.mkdir()
+    (house / "demo-1.0-py3-none-any.whl").write_bytes(b"wheel")
+    src = Sources.from_env(find_links=[str(house)], environ={})
+    assert "find-links = http://127.0.0.1:9/links/0/" in src.context_files(None, "http://127.0.0.1:9")[
+        "sources/pip.conf"].decode()
+    direct = Sources.from_env(find_links=[str(house)], proxy=False, environ={}).context_files(None, None)
+    assert direct["sources/wheelhouse/demo-1.0-py3-none-any.whl"] == b"wheel"
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    """A PEP 503 simple index served from a folder, standing in for PyPI."""
+    root = tmp_path / "index"
+    (root / "simple" / "demo").mkdir(parents=True)
+    (root / "files").mkdir()
+    (root / "files" / "demo-1.0-py3-none-any.whl").write_bytes(b"w" * 5000)
+    (root / "simple" / "demo" / "index.html").write_text(
+        '<html><body><a href="../../files/demo-1.0-py3-none-any.whl#sha256=abc" '
+        'data-requires-python="&gt;=3.8">demo-1.0-py3-none-any.whl</a></body></html>')
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/simple"
+    server.shutdown()
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return bytes(resp.read())
+
+
+def test_proxy_rewrites_pages_and_counts_only_upstream_bytes(upstream, tmp_path):
+    import ssl
+
+    cache = tmp_path / "cache"
+    with PackageProxy([upstream], cache, ssl.create_default_context()) as first:
+        page = _get(f"{first.url}/0/simple/demo/").decode()
+        href = page.split('href="')[1].split('"')[0]
+        assert href.startswith("/files/") and href.endswith("/demo-1.0-py3-none-any.whl#sha256=abc")
+        assert 'data-requires-python="&gt;=3.8"' in page
+        assert _get(first.url + href.split("#")[0]) == b"w" * 5000
+        assert (first.upstream_bytes, first.cached_bytes) == (5000, 0)
+    with PackageProxy([upstream], cache, ssl.create_default_context()) as second:
+        assert _get(second.url + href.split("#")[0]) == b"w" * 5000
+        assert (second.upstream_bytes, second.cached_bytes) == (0, 5000)
+
+
+def test_proxy_serves_local_find_links(tmp_path):
+    import ssl
+
+    house = tmp_path / "house"
+    house.mkdir()
+    (house / "demo-2.0-py3-none-any.whl").write_bytes(b"local")
+    with PackageProxy([], tmp_path / "c", ssl.create_default_context(), [Path(house)]) as proxy:
+        assert "demo-2.0-py3-none-any.whl" in _get(f"{proxy.url}/links/0/").decode()
+        assert _get(f"{proxy.url}/links/0/demo-2.0-py3-none-any.whl") == b"local"
+        assert proxy.upstream_bytes == 0
