@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from builder import __version__
+from builder import __version__, facts
 from builder.bases import ensure_base
 from builder.build import BuildOptions, BuildResult, build_cells
 from builder.certify import CertifyOptions, CertifyResult, certify_cells
 from builder.engine import MANAGED, TAG, Engine
-from builder.errors import BaseImageError, BuilderError, UsageError
+from builder.errors import BaseImageError, BuilderError, SourceError, UsageError
 from builder.matrix import Cell, Selection, expand, load_matrix
 from builder.render import render
 from builder.sources import Sources
@@ -216,6 +216,25 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_facts(args: argparse.Namespace) -> int:
+    matrix = load_matrix(args.matrix)
+    sources = Sources.from_env(ca_bundle=args.ca_bundle, index_url=args.index_url)
+    sel = selection(args)
+    try:
+        found = facts.check(matrix, facts.Index(sources), {sel.framework} if sel.framework else None)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"cannot read package metadata from {sources.index_url}: {exc}") from None
+    found = [f for f in found if sel.framework_version in (None, f.version)]
+    rows = [{"framework": f"{f.framework}=={f.version}", "line": f.line, "fact": f.fact, "matrix": f.matrix,
+             "index": f.index, "verdict": f.verdict, "where": f.where} for f in found]
+    print(table(rows))
+    differs = [f for f in found if f.verdict == "differs"]
+    for f in differs:
+        print(f"error: {f.where}: {f.framework} {f.version} {f.fact}: matrix says {f.matrix}, the index's metadata "
+              f"says {f.index}", file=sys.stderr)
+    return 1 if differs else 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m builder", description=__doc__)
     top.add_argument("--matrix", default=os.environ.get("BUILDER_MATRIX", "matrix.yaml"),
@@ -250,6 +269,12 @@ def parser() -> argparse.ArgumentParser:
     _certify_flags(p)
     p.add_argument("-j", "--jobs", type=int, default=1, help="images certified at once (default 1)")
     p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("facts", help="check the matrix's Python ranges and cuDNN pins against the index's metadata")
+    p.add_argument("--framework", help="torch, tensorflow, or NAME==VERSION")
+    p.add_argument("--ca-bundle", help="CA bundle for HTTPS (default: $PIP_CERT, ...)")
+    p.add_argument("--index-url", help="index to read (default: $PIP_INDEX_URL, else PyPI)")
+    p.set_defaults(func=cmd_facts, cuda=None, python=None, flavor=None, only=[])
 
     p = sub.add_parser("base", help="make the base images available (local, pull, or bootstrap)")
     p.add_argument("names", nargs="*", metavar="NAME", help="base names from the matrix (default: all used)")
