@@ -126,11 +126,19 @@ def digest(certificate: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def find_tested_image(engine: Engine, content_hash: str) -> str | None:
-    """The image built from this content: the build itself, not a certificate layer stamped on it."""
+def find_tested_image(engine: Engine, tag: str, content_hash: str) -> str | None:
+    """The image built from this content: the build itself, never a certificate layer stamped on it.
+
+    The classic builder's intermediate images carry the build's labels too, so candidates are narrowed
+    to the tagged image (or its parent, once stamped), else to the newest image no other one builds on.
+    """
+    tagged = engine.image(tag)
+    if tagged is not None and tagged.labels.get(HASH) == content_hash:
+        return tagged.parent if LEVEL in tagged.labels and tagged.parent else tagged.id
     found = engine.images_with_label(HASH, content_hash, all_images=True)
-    plain = [i for i in found if LEVEL not in i.labels] or found
-    return plain[0].id if plain else None
+    parents = {i.parent for i in found}
+    leaves = sorted((i for i in found if i.id not in parents and LEVEL not in i.labels), key=lambda i: i.created)
+    return leaves[-1].id if leaves else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,7 +159,7 @@ def certify_one(engine: Engine, cell: Cell, options: CertifyOptions, session: st
                 runtimes: set[str], driver: str | None) -> tuple[str, dict[str, Any] | None, str]:
     """Certify one cell; returns (level, certificate or None, one-line summary)."""
     context = render(cell)
-    image_id = find_tested_image(engine, context.content_hash)
+    image_id = find_tested_image(engine, cell.tag, context.content_hash)
     if image_id is None:
         return "failed", None, "not built from the current matrix and templates: run `python -m builder build` first"
     if options.gpus not in ("auto", "none") and "nvidia" not in runtimes:

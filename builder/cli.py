@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -287,10 +288,16 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(message)s")
+    # SIGTERM (CI cancelling a job, `docker stop`, kill) gets the same clean stop as Ctrl-C.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
     except BuilderError as exc:

@@ -33,6 +33,8 @@ HASH = "org.builder.hash"
 TAG = "org.builder.tag"
 LEVEL = "org.builder.certificate.level"
 CERT_DIGEST = "org.builder.certificate.digest"
+# A build step may print nothing for this long (committing a multi-GB layer) before we call it hung.
+BUILD_SILENCE_S = 3600
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +45,8 @@ class ImageInfo:
     size: int
     user: str
     env: tuple[str, ...]
+    parent: str  # the classic builder's parent image id, "" for none
+    created: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +104,8 @@ class Engine:
             size=int(attrs.get("Size") or 0),
             user=str(config.get("User") or ""),
             env=tuple(config.get("Env") or ()),
+            parent=str(attrs.get("Parent") or ""),
+            created=str(attrs.get("Created") or ""),
         )
 
     def image(self, ref: str) -> ImageInfo | None:
@@ -167,12 +173,21 @@ class Engine:
 
     def remove_images_with_label(self, key: str, value: str) -> int:
         """Remove every image carrying key=value, stamped children before their parents."""
-        found = self.images_with_label(key, value, all_images=True)
-        found.sort(key=lambda i: LEVEL not in i.labels)  # certificate layers first
-        for info in found:
-            with contextlib.suppress(docker.errors.ImageNotFound):
-                self.api.remove_image(info.id, force=True)
-        return len(found)
+        removed: set[str] = set()
+        for _ in range(5):  # children first: an image with dependent children is refused, so go round again
+            left = self.images_with_label(key, value, all_images=True)
+            if not left:
+                break
+            for info in left:
+                try:
+                    self.api.remove_image(info.id, force=True)
+                    removed.add(info.id)
+                except docker.errors.ImageNotFound:
+                    removed.add(info.id)
+                except docker.errors.APIError as exc:
+                    if exc.status_code != 409:
+                        raise EngineError(f"cannot remove image {info.id[:19]}: {exc.explanation}") from None
+        return len(removed)
 
     def remove_image(self, ref: str) -> None:
         with contextlib.suppress(docker.errors.ImageNotFound):
@@ -205,7 +220,7 @@ class Engine:
         image_id = None
         stream = self.api.build(
             fileobj=buf, custom_context=True, tag=tag, labels=labels, rm=True, forcerm=True, pull=False,
-            network_mode="host", decode=True, nocache=nocache,
+            network_mode="host", decode=True, nocache=nocache, timeout=BUILD_SILENCE_S,
         )
         try:
             for event in stream:

@@ -28,6 +28,7 @@ PATTERN_NAMES = {
     r"^[^\n\r]*$": "one line of text",
 }
 
+MAX_DEPTH = 32
 Lines = dict[tuple[Any, ...], int]
 Raw = dict[tuple[Any, ...], str]
 
@@ -36,6 +37,9 @@ def _walk(
     node: yaml.Node, path: tuple[Any, ...], lines: Lines, raw: Raw, problems: list[str], file: str
 ) -> Any:
     """Turn a composed YAML node into plain data, recording lines, raw scalar text and duplicate keys."""
+    if len(path) > MAX_DEPTH:  # a recursive alias (&a [*a]) would otherwise never end
+        raise MatrixError([f"{file}:{node.start_mark.line + 1}: {dotted(path[:3])}: nested too deep "
+                           "(a recursive YAML alias?)"])
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}

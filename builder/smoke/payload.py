@@ -182,13 +182,14 @@ def torch_data(torch, device="cpu"):
     return x.to(device), y.to(device), imgs.to(device), labels.to(device)
 
 
-def torch_train(torch, model, x, y, steps, loss_fn, lr=1e-2, autocast_dtype=None):
+def torch_train(torch, model, x, y, steps, loss_fn, lr=1e-2, autocast=None):
+    """Train for `steps`; autocast=(device type, dtype) runs the forward pass in mixed precision."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        if autocast_dtype is not None:
-            with torch.autocast("cuda", dtype=autocast_dtype):
+        if autocast is not None:
+            with torch.autocast(autocast[0], dtype=autocast[1]):
                 loss = loss_fn(model(x), y)
         else:
             loss = loss_fn(model(x), y)
@@ -235,8 +236,16 @@ def run_torch(report, claims, args, inv):
     report.guard("gpu.torch", lambda: torch_gpu(torch, report, args, inv))
 
 
-def torch_gpu(torch, report, args, inv):
-    dev = torch.device("cuda:0")
+def torch_gpu(torch, report, args, inv, device="cuda:0", world=None):
+    """The GPU checks. `device` and `world` let the same code run on the CPU (gloo) in the payload's tests."""
+    dev = torch.device(device)
+    on_cuda = dev.type == "cuda"
+
+    def sync():
+        if on_cuda:
+            torch.cuda.synchronize()
+
+    name = torch.cuda.get_device_name(dev) if on_cuda else device
     report.add("gpu.visible", True, f"{len(inv['gpus'])} GPU(s): {inv['gpus'][0]['name']}", gpus=inv["gpus"])
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -245,76 +254,81 @@ def torch_gpu(torch, report, args, inv):
     x, y, imgs, _ = torch_data(torch)
     with torch.no_grad():
         cpu_out = conv(imgs)
-        conv_gpu = conv.to(dev)
-        gpu_in = imgs.to(dev)
+        dev_in = imgs.to(dev)
         torch.backends.cudnn.enabled = True
-        gpu_out = conv_gpu(gpu_in)
-        torch.cuda.synchronize()
-    report.add("gpu.cudnn_conv", torch.backends.cudnn.is_acceptable(gpu_in) and gpu_out.is_cuda,
-               f"convolution ran on {torch.cuda.get_device_name(0)} through cuDNN {inv['cudnn']}")
-    diff = float((gpu_out.cpu() - cpu_out).abs().max())
+        dev_out = conv.to(dev)(dev_in)
+        sync()
+    through_cudnn = not on_cuda or torch.backends.cudnn.is_acceptable(dev_in)
+    report.add("gpu.cudnn_conv", dev_out.device.type == dev.type and through_cudnn,
+               f"convolution ran on {name}" + (f" through cuDNN {inv['cudnn']}" if on_cuda else ""))
+    diff = float((dev_out.cpu() - cpu_out).abs().max())
     report.add("gpu.matches_cpu", diff < GPU_CPU_TOLERANCE, f"max |GPU - CPU| = {diff:.2e} "
                f"(tolerance {GPU_CPU_TOLERANCE:.0e})", max_abs_diff=diff, tolerance=GPU_CPU_TOLERANCE)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    mlp_gpu = mlp.to(dev)
-    xg, yg = x.to(dev), y.to(dev)
-    param_device = next(mlp_gpu.parameters()).device
+    bf16 = torch.cuda.is_bf16_supported() if on_cuda else True
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    mlp_dev = mlp.to(dev)
+    param_device = next(mlp_dev.parameters()).device
     t0 = time.perf_counter()
-    losses = torch_train(torch, mlp_gpu, xg, yg, args.steps, torch.nn.MSELoss(), autocast_dtype=dtype)
-    torch.cuda.synchronize()
+    losses = torch_train(torch, mlp_dev, x.to(dev), y.to(dev), args.steps, torch.nn.MSELoss(),
+                         autocast=(dev.type, dtype))
+    sync()
     seconds = time.perf_counter() - t0
     falls(report, "gpu.train_mixed_precision", losses, LOSS_FRACTION["mlp"])
-    report.add("gpu.no_cpu_fallback", param_device.type == "cuda", f"parameters live on {param_device}")
+    report.add("gpu.no_cpu_fallback", param_device.type == dev.type, f"parameters live on {param_device}")
     inv["gpu_train_steps_per_second"] = round(args.steps / seconds, 1)
     inv["mixed_precision_dtype"] = str(dtype).replace("torch.", "")
-    n = 8192 if inv["gpus"][0]["memory_gb"] > 20 else 4096
+    n = (8192 if inv["gpus"][0].get("memory_gb", 0) > 20 else 4096) if on_cuda else 512
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    sync()
     reps = 20
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    torch.cuda.synchronize()
+    sync()
     tflops = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
-    inv["matmul_tflops"] = {"dtype": inv["mixed_precision_dtype"], "n": n, "tflops": round(tflops, 1)}
+    inv["matmul_tflops"] = {"dtype": inv["mixed_precision_dtype"], "n": n, "tflops": round(tflops, 3)}
     report.add("gpu.matmul", tflops > 0, f"{n}^3 {inv['mixed_precision_dtype']} matmul: {tflops:.1f} TFLOP/s")
-    if torch.cuda.device_count() >= 2:
-        report.guard("gpu.nccl_all_reduce", lambda: torch_all_reduce(torch, report))
+    world = world if world is not None else torch.cuda.device_count()
+    if world >= 2:
+        backend = "nccl" if on_cuda else "gloo"
+        report.guard("gpu.all_reduce", lambda: torch_all_reduce(torch, report, world, backend))
     else:
-        report.skip("gpu.nccl_all_reduce", "one GPU: no all-reduce to run")
+        report.skip("gpu.all_reduce", "one GPU: no all-reduce to run")
 
 
-def _all_reduce_worker(rank, world, port, queue):
+def _all_reduce_worker(rank, world, port, backend, queue):
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.cuda.set_device(rank)
-    t = torch.full((1024,), float(rank + 1), device=f"cuda:{rank}")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    device = "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    t = torch.full((1024,), float(rank + 1), device=device)
     dist.all_reduce(t)
     queue.put((rank, float(t[0])))
     dist.destroy_process_group()
 
 
-def torch_all_reduce(torch, report):
+def torch_all_reduce(torch, report, world, backend):
+    """An all-reduce across `world` processes, one per GPU (NCCL), as a DDP step would do."""
     import socket
 
     import torch.multiprocessing as mp
 
-    world = torch.cuda.device_count()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    mp.spawn(_all_reduce_worker, args=(world, port, queue), nprocs=world, join=True)
+    queue = mp.get_context("spawn").Queue()
+    mp.spawn(_all_reduce_worker, args=(world, port, backend, queue), nprocs=world, join=True)
     results = [queue.get(timeout=60) for _ in range(world)]
     want = world * (world + 1) / 2
     ok = all(abs(v - want) < 1e-6 for _, v in results)
-    return report.add("gpu.nccl_all_reduce", ok, f"NCCL all-reduce over {world} GPUs gave "
+    return report.add("gpu.all_reduce", ok, f"{backend} all-reduce over {world} ranks gave "
                       f"{sorted(v for _, v in results)}, expected {want}")
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,22 @@ class Work:
         from builder.build import safe_name
 
         return json.loads((self.state / "certificates" / f"{safe_name(tag)}.json").read_text())
+
+
+def interrupt_when(work: Work, args: list[str], ready, what: str, timeout: float = 600) -> tuple[int, str]:
+    """Start `builder ARGS`, send it SIGINT once `ready()` is true, and return its exit code and stderr."""
+    cmd = [sys.executable, "-m", "builder", "--matrix", str(work.matrix), *args, "--state", str(work.state)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CI": "1"})
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"`builder {' '.join(args)}` never reached {what}")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
 
 
 def managed_containers(engine: Engine) -> list[dict]:

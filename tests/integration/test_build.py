@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from builder.engine import HASH, MANAGED, TAG
 from builder.sources import PackageProxy
 
-from .conftest import ROOT, TF, TF_TAG, TORCH, TORCH_TAG, managed_containers
+from .conftest import ROOT, TF, TF_TAG, TORCH, TORCH_TAG, interrupt_when, managed_containers
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -67,7 +66,7 @@ def test_python_only_sibling_fetches_far_fewer_bytes(work, torch_built):
         reused = proxy.cached_bytes
     first = torch_built["upstream_bytes"]
     assert sibling < 0.4 * first, (sibling, first)
-    assert reused > 2_000_000_000  # the nvidia wheels came from the cache
+    assert reused > 0.5 * first  # the py3-none nvidia wheels came from the cache
 
 
 def _bundle_with_marker(tmp: Path) -> tuple[Path, bytes]:
@@ -112,21 +111,14 @@ def test_tf_cell_builds_with_sources_kept_out_of_the_image(engine, work, tmp_pat
 
 def test_interrupted_build_leaves_no_containers(engine, work, torch_built):
     log = work.state / "logs" / f"{TORCH_TAG.replace('/', '_').replace(':', '_')}.log"
-    cmd = [sys.executable, "-m", "builder", "--matrix", str(work.matrix), "build", *TORCH, "--force",
-           "--state", str(work.state), "--cache-dir", str(work.cache)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "CI": "1"})
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # wait until pip is installing inside a RUN container
-        if log.exists() and "Collecting torch" in log.read_text() and managed_containers(engine):
-            break
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("the build never reached its pip install step")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
+    log.unlink(missing_ok=True)
+
+    def installing() -> bool:  # pip is running inside a RUN container
+        return log.exists() and "Collecting torch" in log.read_text() and bool(managed_containers(engine))
+
+    code, err = interrupt_when(work, ["build", *TORCH, "--force", "--cache-dir", str(work.cache)], installing,
+                               "its pip install step")
+    assert code == 130, err
     assert "interrupted" in err
     assert managed_containers(engine) == []
     info = engine.image(TORCH_TAG)  # the image built before is kept
@@ -135,7 +127,7 @@ def test_interrupted_build_leaves_no_containers(engine, work, torch_built):
 
 def test_unreachable_base_names_all_three_attempts(work, tmp_path):
     text = work.matrix.read_text().replace("image: debian:bullseye-slim", "image: example.invalid/none:1")
-    text = text.replace("bootstrap: {suite: bullseye, mirror: http://deb.debian.org/debian}\n", "", 1)
+    text = text.replace("    bootstrap: {suite: bullseye, mirror: http://deb.debian.org/debian}\n", "", 1)
     matrix = tmp_path / "m.yaml"
     matrix.write_text(text)
     proc = work.cli("base", "debian11", "--framework", "torch==2.4.1", "--cuda", "12.1", matrix=matrix)

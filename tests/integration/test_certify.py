@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 
 import pytest
 
@@ -17,7 +12,7 @@ from builder.engine import CERT_DIGEST, HASH, LEVEL, MANAGED, SESSION, TAG
 from builder.matrix import Selection, expand, load_matrix
 from builder.render import render
 
-from .conftest import ROOT, TF, TF_TAG, TORCH, TORCH_TAG, managed_containers
+from .conftest import TF, TF_TAG, TORCH, TORCH_TAG, interrupt_when, managed_containers
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -126,21 +121,11 @@ def test_require_gpu_fails_without_a_gpu(engine, work, torch_built):
 
 
 def test_interrupted_certify_leaves_no_containers(engine, work, torch_built):
-    cmd = [sys.executable, "-m", "builder", "--matrix", str(work.matrix), "certify", *TORCH,
-           "--state", str(work.state)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "CI": "1"})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if engine.api.containers(filters={"label": SESSION}):
-            break
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("certify never started its container")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    def running() -> bool:
+        return bool(engine.api.containers(filters={"label": SESSION}))
+
+    code, err = interrupt_when(work, ["certify", *TORCH], running, "its smoke-test container", timeout=120)
+    assert code == 130, err
     assert managed_containers(engine) == []
 
 

@@ -93,6 +93,10 @@ CASES = [
     ("group-yields-nothing", edit("      python: [\"3.9\", \"3.11\", \"3.12\"]\n", "      python: [\"3.13\"]\n"),
      "m.yaml:51: images[0].axes: impossible combination torch==2.1.2 cuda12.1 py3.13 runtime"),
     ("empty-file", "", "m.yaml:1: the matrix is empty"),
+    ("recursive-alias", SMALL + "loop: &a [*a]\n", "nested too deep (a recursive YAML alias?)"),
+    ("null-section", edit('  "12.5":\n    cudnn: "9.3"\n    driver: {ga: "555.42.02", floor: "525"}\n'
+                          '    image: {tag: "12.5.1", cudnn: cudnn, os: [ubuntu22.04]}\n', '  "12.5":\n'),
+     'm.yaml:21: cuda."12.5": Input should be a valid dictionary'),
     ("not-a-mapping", "- a\n- b\n", "m.yaml:1: the matrix must be a mapping"),
 ]
 

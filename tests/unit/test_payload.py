@@ -86,3 +86,19 @@ def test_gpu_path_is_skipped_and_said_so_without_a_gpu(tmp_path):
     _, result = run(tmp_path)
     assert checks(result)["gpu"]["status"] == "skip"
     assert not any(c["name"].startswith("gpu.") for c in result["checks"])
+
+
+def test_gpu_path_runs_end_to_end_on_the_cpu_device(tmp_path):
+    """The GPU checks' own code, pointed at the CPU (gloo for the all-reduce): all of it runs and passes."""
+    import argparse
+
+    report = payload.Report()
+    inv = {"gpus": [{"name": "cpu stand-in", "capability": None, "memory_gb": 0}], "cudnn": None}
+    args = argparse.Namespace(steps=80)
+    payload.torch_gpu(torch, report, args, inv, device="cpu", world=2)
+    got = {c["name"]: c for c in report.checks}
+    for name in ("gpu.visible", "gpu.cudnn_conv", "gpu.matches_cpu", "gpu.train_mixed_precision",
+                 "gpu.no_cpu_fallback", "gpu.matmul", "gpu.all_reduce"):
+        assert got[name]["status"] == "pass", got[name]
+    assert got["gpu.all_reduce"]["detail"] == "gloo all-reduce over 2 ranks gave [3.0, 3.0], expected 3.0"
+    assert inv["mixed_precision_dtype"] == "bfloat16" and inv["matmul_tflops"]["n"] == 512
