@@ -188,8 +188,8 @@ def _requirements(
     return tuple(reqs + list(build.pins))
 
 
-def _group_combos(matrix: Matrix, gi: int) -> tuple[list[tuple[Combo, tuple[Any, ...]]], bool]:
-    """The group's combinations, each with the path that asked for it, and whether axes made them."""
+def _group_combos(matrix: Matrix, gi: int) -> list[tuple[Combo, tuple[Any, ...]]]:
+    """The group's combinations, each with the path in the file that asked for it."""
     group = matrix.spec.images[gi]
     fw = matrix.spec.frameworks[group.framework]
     out: list[tuple[Combo, tuple[Any, ...]]] = []
@@ -203,11 +203,11 @@ def _group_combos(matrix: Matrix, gi: int) -> tuple[list[tuple[Combo, tuple[Any,
                 if not any(_matches(ex, combo) for ex in group.exclude):
                     out.append((combo, ("images", gi, "axes")))
     for i, inc in enumerate(group.include):
-        assert inc.version and inc.cuda and inc.python
+        assert inc.version and inc.cuda and inc.python  # check_references() refused incomplete includes
         combo = Combo(framework=group.framework, version=inc.version, cuda=inc.cuda, python=inc.python,
                       flavor=inc.flavor or "runtime", base=inc.base)
         out.append((combo, ("images", gi, "include", i)))
-    return out, bool(group.axes)
+    return out
 
 
 def expand(matrix: Matrix, selection: Selection | None = None) -> tuple[list[Cell], list[Rejection]]:
@@ -219,7 +219,7 @@ def expand(matrix: Matrix, selection: Selection | None = None) -> tuple[list[Cel
     dropped: list[Rejection] = []
     errors: list[str] = []
     for gi in range(len(matrix.spec.images)):
-        combos, _ = _group_combos(matrix, gi)
+        combos = _group_combos(matrix, gi)
         group_cells: list[Cell] = []
         group_drops: list[tuple[Rejection, tuple[Any, ...]]] = []
         for combo, path in combos:
