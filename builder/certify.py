@@ -144,7 +144,7 @@ def find_tested_image(engine: Engine, tag: str, content_hash: str) -> str | None
 @dataclass(frozen=True, kw_only=True)
 class CertifyResult:
     cell: Cell
-    level: str  # one of LEVELS, or "interrupted"
+    level: str  # one of LEVELS, or "not built", "skipped", "interrupted"
     seconds: float = 0.0
     summary: str = ""
     certificate: Path | None = None
@@ -161,7 +161,7 @@ def certify_one(engine: Engine, cell: Cell, options: CertifyOptions, session: st
     context = render(cell)
     image_id = find_tested_image(engine, cell.tag, context.content_hash)
     if image_id is None:
-        return "failed", None, "not built from the current matrix and templates: run `python -m builder build` first"
+        return "not built", None, "no image from the current matrix and templates: run `python -m builder build` first"
     if options.gpus not in ("auto", "none") and "nvidia" not in runtimes:
         # Asking anyway would fail at start with `could not select device driver "" with capabilities: [[gpu]]`.
         return "failed", None, (f"--gpus {options.gpus}: the engine at {engine.address} has no NVIDIA runtime "

@@ -132,4 +132,4 @@ def test_interrupted_certify_leaves_no_containers(engine, work, torch_built):
 def test_certify_before_build_says_what_to_do(work):
     proc = work.cli("certify", "--framework", "torch==2.6.0", "--cuda", "cpu")
     assert proc.returncode == 1
-    assert "run `python -m builder build` first" in proc.stdout
+    assert "not built" in proc.stdout and "run `python -m builder build` first" in proc.stdout
