@@ -16,7 +16,7 @@ install: ## make .venv with builder and its dev tools
 	$(PY) -m pip install -q -e '.[dev]'
 
 test: ## all tests: unit, then integration against the Docker engine (needs one running)
-	$(PY) -m pytest -v tests
+	$(PY) -m pytest -v tests/unit tests/integration
 
 test-unit: ## the tests that need no engine
 	$(PY) -m pytest -q tests/unit
