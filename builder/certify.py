@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import platform
-import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -29,6 +27,7 @@ from builder.engine import CERT_DIGEST, HASH, LEVEL, SESSION, Engine
 from builder.errors import BuilderError, Interrupted
 from builder.matrix.model import Cell
 from builder.render import render
+from builder.smoke.payload import host_driver  # the same probe the payload runs in a container
 
 log = logging.getLogger("builder")
 
@@ -54,18 +53,6 @@ class Outcome:
     level: str
     reasons: list[str]
     gpu_note: str | None
-
-
-def host_driver() -> str | None:
-    """The NVIDIA driver of this host, if it has one (the engine is assumed local)."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out[0] if out else None
 
 
 def driver_shortfall(cell: Cell, driver: str | None) -> tuple[bool, str | None]:

@@ -7,7 +7,6 @@ pulled by accident or left behind.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -188,10 +187,6 @@ class Engine:
                     if exc.status_code != 409:
                         raise EngineError(f"cannot remove image {info.id[:19]}: {exc.explanation}") from None
         return len(removed)
-
-    def remove_image(self, ref: str) -> None:
-        with contextlib.suppress(docker.errors.ImageNotFound):
-            self.api.remove_image(ref, force=True)
 
     # ---------------------------------------------------------------------------------------- build
     def build(

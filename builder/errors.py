@@ -63,12 +63,6 @@ class BuildFailed(BuilderError):
         super().__init__(message)
 
 
-class CertifyError(BuilderError):
-    """A certification run could not be carried out (not: the image failed its checks)."""
-
-    exit_code = 7
-
-
 class Interrupted(BuilderError):
     """Ctrl-C or SIGTERM: work in flight was stopped and cleaned up; finished work was kept."""
 

@@ -88,7 +88,7 @@ def pip_check():
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()[-2000:]
 
 
-def host_driver():
+def host_driver() -> "str | None":
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
