@@ -20,6 +20,8 @@ TEMPLATES = ROOT / "templates"
 SMOKE = Path(__file__).resolve().parent / "smoke"
 UID = 10001
 SOURCES_DIR = "sources"
+# The pip nvidia-* wheels' files, moved out of site-packages (a symlink stays) into a layer of their own.
+CUDA_LIBS = "/opt/cuda-libs/nvidia"
 # Where TensorFlow's pip CUDA libraries land inside nvidia/ (TF does not add them to its own search path).
 NVIDIA_LIB_DIRS = (
     "cublas", "cuda_cupti", "cuda_nvcc", "cuda_nvrtc", "cuda_runtime", "cudnn", "cufft", "curand",
@@ -60,11 +62,11 @@ def _environment() -> jinja2.Environment:
 def dockerfile(cell: Cell) -> str:
     lib_path = ""
     if cell.framework == "tensorflow" and cell.cuda_source == "wheels":
-        site = f"/opt/venv/lib/python{cell.python}/site-packages/nvidia"
-        lib_path = ":".join(f"{site}/{d}/lib" for d in NVIDIA_LIB_DIRS)
+        lib_path = ":".join(f"{CUDA_LIBS}/{d}/lib" for d in NVIDIA_LIB_DIRS)
     python_exe = "python3" if cell.python_source == "system" else f"python{cell.python}"
     text = _environment().get_template("Dockerfile.j2").render(
-        cell=cell, uid=UID, library_path=lib_path, python_exe=python_exe
+        cell=cell, uid=UID, library_path=lib_path, python_exe=python_exe, cuda_libs=CUDA_LIBS,
+        site_packages=f"/opt/venv/lib/python{cell.python}/site-packages",
     )
     # Collapse the blank runs that skipped partials leave behind.
     while "\n\n\n" in text:

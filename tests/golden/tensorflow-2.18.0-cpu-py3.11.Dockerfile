@@ -11,7 +11,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # --- Python 3.11 (system), before any CUDA or framework layer.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* \
+ && mkdir -p /opt/cuda-libs
 
 # --- Builder stage: the only stage that sees build-time package sources (CA bundle, indexes, wheelhouse).
 FROM os AS builder
@@ -21,7 +22,11 @@ RUN python3 -m venv /opt/venv \
  && PIP_CONFIG_FILE=/opt/builder-sources/pip.conf /opt/venv/bin/pip install --no-cache-dir --no-compile \
       -r /opt/builder-sources/requirements.txt \
  && /opt/venv/bin/pip check \
- && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock
+ && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock \
+ && if [ -d /opt/venv/lib/python3.11/site-packages/nvidia ]; then \
+      mv /opt/venv/lib/python3.11/site-packages/nvidia /opt/cuda-libs/nvidia && ln -s /opt/cuda-libs/nvidia /opt/venv/lib/python3.11/site-packages/nvidia; \
+    fi \
+ && find /opt/cuda-libs -exec touch -h -d @0 {} +
 
 # --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
 FROM os
@@ -30,6 +35,9 @@ RUN useradd --uid 10001 --user-group --create-home --shell /bin/bash app
 
 # --- CPU only: no CUDA in this image.
 
+# The framework's pip CUDA libraries get a layer of their own, before the framework's. Its paths and
+# timestamps do not depend on the Python or the framework, so cells with the same nvidia-* pins share it.
+COPY --from=builder /opt/cuda-libs /opt/cuda-libs
 COPY --from=builder /opt/venv /opt/venv
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH}

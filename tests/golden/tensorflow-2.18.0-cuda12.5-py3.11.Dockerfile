@@ -11,7 +11,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # --- Python 3.11 (system), before any CUDA or framework layer.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* \
+ && mkdir -p /opt/cuda-libs
 
 # --- Builder stage: the only stage that sees build-time package sources (CA bundle, indexes, wheelhouse).
 FROM os AS builder
@@ -21,7 +22,11 @@ RUN python3 -m venv /opt/venv \
  && PIP_CONFIG_FILE=/opt/builder-sources/pip.conf /opt/venv/bin/pip install --no-cache-dir --no-compile \
       -r /opt/builder-sources/requirements.txt \
  && /opt/venv/bin/pip check \
- && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock
+ && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock \
+ && if [ -d /opt/venv/lib/python3.11/site-packages/nvidia ]; then \
+      mv /opt/venv/lib/python3.11/site-packages/nvidia /opt/cuda-libs/nvidia && ln -s /opt/cuda-libs/nvidia /opt/venv/lib/python3.11/site-packages/nvidia; \
+    fi \
+ && find /opt/cuda-libs -exec touch -h -d @0 {} +
 
 # --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
 FROM os
@@ -33,9 +38,12 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     NVIDIA_REQUIRE_CUDA="cuda>=12.5 driver>=525"
 # TensorFlow does not find its pip CUDA libraries by itself: put every nvidia/*/lib on the loader path.
-ENV LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cublas/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cuda_cupti/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cuda_nvcc/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cuda_nvrtc/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cudnn/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cufft/lib:/opt/venv/lib/python3.11/site-packages/nvidia/curand/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cusolver/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cusparse/lib:/opt/venv/lib/python3.11/site-packages/nvidia/nccl/lib:/opt/venv/lib/python3.11/site-packages/nvidia/nvjitlink/lib \
-    PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cuda_nvcc/bin:${PATH}
+ENV LD_LIBRARY_PATH=/opt/cuda-libs/nvidia/cublas/lib:/opt/cuda-libs/nvidia/cuda_cupti/lib:/opt/cuda-libs/nvidia/cuda_nvcc/lib:/opt/cuda-libs/nvidia/cuda_nvrtc/lib:/opt/cuda-libs/nvidia/cuda_runtime/lib:/opt/cuda-libs/nvidia/cudnn/lib:/opt/cuda-libs/nvidia/cufft/lib:/opt/cuda-libs/nvidia/curand/lib:/opt/cuda-libs/nvidia/cusolver/lib:/opt/cuda-libs/nvidia/cusparse/lib:/opt/cuda-libs/nvidia/nccl/lib:/opt/cuda-libs/nvidia/nvjitlink/lib \
+    PATH=/opt/cuda-libs/nvidia/cuda_nvcc/bin:${PATH}
 
+# The framework's pip CUDA libraries get a layer of their own, before the framework's. Its paths and
+# timestamps do not depend on the Python or the framework, so cells with the same nvidia-* pins share it.
+COPY --from=builder /opt/cuda-libs /opt/cuda-libs
 COPY --from=builder /opt/venv /opt/venv
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH}

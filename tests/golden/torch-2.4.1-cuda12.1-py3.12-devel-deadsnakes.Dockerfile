@@ -14,7 +14,8 @@ RUN apt-get update \
  && add-apt-repository -y ppa:deadsnakes/ppa \
  && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
  && apt-get purge -y --auto-remove software-properties-common gpg-agent \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* \
+ && mkdir -p /opt/cuda-libs
 
 # --- Builder stage: the only stage that sees build-time package sources (CA bundle, indexes, wheelhouse).
 FROM os AS builder
@@ -24,7 +25,11 @@ RUN python3.12 -m venv /opt/venv \
  && PIP_CONFIG_FILE=/opt/builder-sources/pip.conf /opt/venv/bin/pip install --no-cache-dir --no-compile \
       -r /opt/builder-sources/requirements.txt \
  && /opt/venv/bin/pip check \
- && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock
+ && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock \
+ && if [ -d /opt/venv/lib/python3.12/site-packages/nvidia ]; then \
+      mv /opt/venv/lib/python3.12/site-packages/nvidia /opt/cuda-libs/nvidia && ln -s /opt/cuda-libs/nvidia /opt/venv/lib/python3.12/site-packages/nvidia; \
+    fi \
+ && find /opt/cuda-libs -exec touch -h -d @0 {} +
 
 # --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
 FROM os
@@ -36,6 +41,9 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     NVIDIA_REQUIRE_CUDA="cuda>=12.1 driver>=525"
 
+# The framework's pip CUDA libraries get a layer of their own, before the framework's. Its paths and
+# timestamps do not depend on the Python or the framework, so cells with the same nvidia-* pins share it.
+COPY --from=builder /opt/cuda-libs /opt/cuda-libs
 COPY --from=builder /opt/venv /opt/venv
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH}

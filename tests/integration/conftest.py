@@ -21,6 +21,7 @@ REPOSITORY = "builder-test"
 TORCH = ["--framework", "torch==2.4.1", "--cuda", "12.1", "--python", "3.11"]
 TF = ["--framework", "tensorflow==2.18.0", "--cuda", "12.5", "--python", "3.11"]
 TORCH_TAG = f"{REPOSITORY}/torch:2.4.1-cuda12.1-cudnn9.1-py3.11-runtime-debian12"
+SIBLING_TAG = f"{REPOSITORY}/torch:2.4.1-cuda12.1-cudnn9.1-py3.9-runtime-debian11"
 TF_TAG = f"{REPOSITORY}/tensorflow:2.18.0-cuda12.5-cudnn9.3-py3.11-runtime-debian12"
 
 pytestmark = pytest.mark.engine
