@@ -66,6 +66,7 @@ def dockerfile(cell: Cell) -> str:
     python_exe = "python3" if cell.python_source == "system" else f"python{cell.python}"
     text = _environment().get_template("Dockerfile.j2").render(
         cell=cell, uid=UID, library_path=lib_path, python_exe=python_exe, cuda_libs=CUDA_LIBS,
+        cuda_libs_dir=CUDA_LIBS.rsplit("/", 1)[0],
         site_packages=f"/opt/venv/lib/python{cell.python}/site-packages",
     )
     # Collapse the blank runs that skipped partials leave behind.

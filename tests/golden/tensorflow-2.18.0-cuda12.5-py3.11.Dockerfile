@@ -11,8 +11,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # --- Python 3.11 (system), before any CUDA or framework layer.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/* \
- && mkdir -p /opt/cuda-libs
+ && rm -rf /var/lib/apt/lists/*
 
 # --- Builder stage: the only stage that sees build-time package sources (CA bundle, indexes, wheelhouse).
 FROM os AS builder
@@ -23,10 +22,12 @@ RUN python3 -m venv /opt/venv \
       -r /opt/builder-sources/requirements.txt \
  && /opt/venv/bin/pip check \
  && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock \
+ && mkdir -p /opt/builder-export/opt/cuda-libs \
  && if [ -d /opt/venv/lib/python3.11/site-packages/nvidia ]; then \
-      mv /opt/venv/lib/python3.11/site-packages/nvidia /opt/cuda-libs/nvidia && ln -s /opt/cuda-libs/nvidia /opt/venv/lib/python3.11/site-packages/nvidia; \
+      mv /opt/venv/lib/python3.11/site-packages/nvidia /opt/builder-export/opt/cuda-libs/nvidia \
+      && ln -s /opt/cuda-libs/nvidia /opt/venv/lib/python3.11/site-packages/nvidia; \
     fi \
- && find /opt/cuda-libs -exec touch -h -d @0 {} +
+ && find /opt/builder-export -exec touch -h -d @0 {} +
 
 # --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
 FROM os
@@ -41,9 +42,10 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
 ENV LD_LIBRARY_PATH=/opt/cuda-libs/nvidia/cublas/lib:/opt/cuda-libs/nvidia/cuda_cupti/lib:/opt/cuda-libs/nvidia/cuda_nvcc/lib:/opt/cuda-libs/nvidia/cuda_nvrtc/lib:/opt/cuda-libs/nvidia/cuda_runtime/lib:/opt/cuda-libs/nvidia/cudnn/lib:/opt/cuda-libs/nvidia/cufft/lib:/opt/cuda-libs/nvidia/curand/lib:/opt/cuda-libs/nvidia/cusolver/lib:/opt/cuda-libs/nvidia/cusparse/lib:/opt/cuda-libs/nvidia/nccl/lib:/opt/cuda-libs/nvidia/nvjitlink/lib \
     PATH=/opt/cuda-libs/nvidia/cuda_nvcc/bin:${PATH}
 
-# The framework's pip CUDA libraries get a layer of their own, before the framework's. Its paths and
-# timestamps do not depend on the Python or the framework, so cells with the same nvidia-* pins share it.
-COPY --from=builder /opt/cuda-libs /opt/cuda-libs
+# The framework's pip CUDA libraries get a layer of their own, before the framework's. Copied into /
+# with every path and timestamp fixed, its bytes depend only on the nvidia-* pins: cells that share
+# the pins share the layer, whatever their base, Python or framework.
+COPY --from=builder /opt/builder-export/ /
 COPY --from=builder /opt/venv /opt/venv
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH}
