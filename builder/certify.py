@@ -142,6 +142,10 @@ class CertifyResult:
         return self.level == "gpu-certified" if self.gpu_required else self.level in LEVELS[1:]
 
 
+def certificate_path(state_dir: Path, tag: str) -> Path:
+    return state_dir / "certificates" / f"{safe_name(tag)}.json"
+
+
 def certify_one(engine: Engine, cell: Cell, options: CertifyOptions, session: str, stop: threading.Event,
                 runtimes: set[str], driver: str | None) -> tuple[str, dict[str, Any] | None, str]:
     """Certify one cell; returns (level, certificate or None, one-line summary)."""
@@ -166,7 +170,10 @@ def certify_one(engine: Engine, cell: Cell, options: CertifyOptions, session: st
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text(run.logs, encoding="utf-8")
     raw = next(iter(run.files.values()), None)
-    result = json.loads(raw) if raw else None
+    try:
+        result = json.loads(raw) if raw else None
+    except ValueError:  # a payload killed mid-write leaves half a file: no result, and the level says so
+        result = None
     outcome = decide(result, run.exit_code, gpus, options.require_gpu)
     inventory = (result or {}).get("inventory", {})
     certificate: dict[str, Any] = {
@@ -186,7 +193,7 @@ def certify_one(engine: Engine, cell: Cell, options: CertifyOptions, session: st
         "run": {"exit_code": run.exit_code, "seconds": round(run.seconds, 1), "log": str(log_path)},
     }
     certificate["digest"] = digest(certificate)
-    path = options.state_dir / "certificates" / f"{safe_name(cell.tag)}.json"
+    path = certificate_path(options.state_dir, cell.tag)
     write_json(path, certificate)
     engine.stamp(image_id, cell.tag, {LEVEL: outcome.level, CERT_DIGEST: certificate["digest"]})
     passed = sum(c["status"] == "pass" for c in certificate["checks"])
@@ -218,7 +225,7 @@ def certify_cells(engine: Engine, cells: list[Cell], options: CertifyOptions) ->
             level, summary = "failed", str(exc)
         path = None
         if cert is not None:
-            path = options.state_dir / "certificates" / f"{safe_name(cell.tag)}.json"
+            path = certificate_path(options.state_dir, cell.tag)
             with index_lock:  # the index next to the certificates: tag -> level, digest, image
                 index = json.loads(index_path.read_text()) if index_path.exists() else {}
                 index[cell.tag] = {"image": cert["image"]["id"], "level": cert["level"], "digest": cert["digest"],

@@ -210,7 +210,7 @@ def cmd_base(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     cells = select_cells(args)
     engine = Engine.connect()
-    containers = engine.remove_containers(MANAGED)
+    containers = engine.remove_containers(MANAGED, running=False)
     images = sum(engine.remove_images_with_label(TAG, c.tag) for c in cells)
     engine.prune_dangling(MANAGED)
     print(f"removed {images} image(s) of {len(cells)} cell(s) and {containers} leftover container(s)")

@@ -7,6 +7,7 @@ pulled by accident or left behind.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -54,6 +55,24 @@ class RunResult:
     logs: str
     files: dict[str, bytes]
     seconds: float
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _translated(method: F) -> F:
+    """Turn the engine's own failures (API errors, a dropped connection) into one-line EngineErrors."""
+
+    @functools.wraps(method)
+    def wrapper(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            what = method.__name__.replace("_", " ")
+            detail = getattr(exc, "explanation", None) or str(exc)
+            raise EngineError(f"the engine at {self.address} failed ({what}): {detail}") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _address() -> str:
@@ -115,12 +134,14 @@ class Engine:
         except docker.errors.APIError as exc:
             raise EngineError(f"engine at {self.address} failed to inspect {ref}: {exc.explanation}") from None
 
+    @_translated
     def images_with_label(self, key: str, value: str | None = None, all_images: bool = False) -> list[ImageInfo]:
         """Images carrying the label; all_images also finds untagged parents of other images."""
         flt = f"{key}={value}" if value is not None else key
         found = self.api.images(all=all_images, filters={"label": flt})
         return [info for img in found if (info := self.image(img["Id"])) is not None]
 
+    @_translated
     def history(self, image_id: str) -> list[dict[str, Any]]:
         return list(self.api.history(image_id))  # type: ignore[no-untyped-call]
 
@@ -136,6 +157,7 @@ class Engine:
         except docker.errors.APIError as exc:
             raise EngineError(str(exc.explanation or exc)) from None
 
+    @_translated
     def import_rootfs(self, stream: Any, ref: str) -> str:
         repo, _, tag = ref.rpartition(":")
         changes = ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 'CMD ["bash"]']
@@ -158,6 +180,7 @@ class Engine:
             self.api.remove_container(cid, force=True)
         return str(result["Id"])
 
+    @_translated
     def tag(self, image_id: str, ref: str) -> None:
         repo, _, tag = ref.rpartition(":")
         self.api.tag(image_id, repo, tag, force=True)
@@ -170,6 +193,7 @@ class Engine:
             raise EngineError(f"pruning images failed: {exc.explanation}") from None
         return int(pruned.get("SpaceReclaimed") or 0)
 
+    @_translated
     def remove_images_with_label(self, key: str, value: str) -> int:
         """Remove every image carrying key=value, stamped children before their parents."""
         removed: set[str] = set()
@@ -245,9 +269,11 @@ class Engine:
         return str(image_id)
 
     # ------------------------------------------------------------------------------------------ run
+    @_translated
     def runtimes(self) -> set[str]:
         return set((self.api.info().get("Runtimes") or {}).keys())
 
+    @_translated
     def run(
         self,
         image_id: str,
@@ -311,6 +337,7 @@ class Engine:
         finally:
             self.api.remove_container(cid, force=True)
 
+    @_translated
     def read_file(self, image_id: str, path: str) -> bytes | None:
         """A file from an image, without running it: create, copy out, remove."""
         cid = self.api.create_container(image_id, command=["true"], labels={MANAGED: "true"})["Id"]
@@ -326,15 +353,19 @@ class Engine:
             self.api.remove_container(cid, force=True)
 
     # -------------------------------------------------------------------------------------- cleanup
-    def remove_containers(self, label: str = MANAGED, since: float | None = None) -> int:
+    @_translated
+    def remove_containers(self, label: str = MANAGED, since: float | None = None, running: bool = True) -> int:
         """Force-remove the containers carrying `label` (created at or after `since`, if given).
 
         The classic builder's intermediate containers carry the Dockerfile's own managed label, so
-        this also clears what an interrupted build left.
+        this also clears what an interrupted build left. running=False spares running containers:
+        they belong to builds or runs still under way, perhaps another process's.
         """
         removed = 0
         for c in self.api.containers(all=True, filters={"label": label}):
             if since is not None and c.get("Created", 0) < int(since) - 1:
+                continue
+            if not running and c.get("State") == "running":
                 continue
             try:
                 self.api.remove_container(c["Id"], force=True)
