@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 from builder import __version__
 from builder.bases import ensure_base
-from builder.engine import HASH, MANAGED, TAG, Engine
+from builder.engine import HASH, MANAGED, TAG, Engine, ImageInfo
 from builder.errors import BuilderError, BuildFailed, Interrupted
 from builder.matrix.model import Cell
 from builder.render import ROOT, render
@@ -77,10 +77,10 @@ def revision() -> str:
         return "unknown"
 
 
-def find_built(engine: Engine, content_hash: str) -> str | None:
-    """The id of an image already built from exactly this content, if the engine has one."""
+def find_built(engine: Engine, content_hash: str) -> ImageInfo | None:
+    """An image already built from exactly this content, if the engine has one."""
     found = engine.images_with_label(HASH, content_hash)
-    return found[0].id if found else None
+    return found[0] if found else None
 
 
 class Progress:
@@ -134,11 +134,10 @@ def _build_one(
     if not options.force:
         existing = find_built(engine, context.content_hash)
         if existing is not None:
-            info = engine.image(existing)
-            if info is not None and cell.tag not in info.tags:
-                engine.tag(existing, cell.tag)
+            if cell.tag not in existing.tags:
+                engine.tag(existing.id, cell.tag)
             return BuildResult(cell=cell, status="up to date", seconds=time.monotonic() - started,
-                               image_id=existing, size=info.size if info else 0, log_path=log_path)
+                               image_id=existing.id, size=existing.size, log_path=log_path)
     with base_lock:  # two cells on one base must not bootstrap it twice
         ensure_base(engine, cell.base)
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -172,10 +172,8 @@ class Engine:
         repo, _, tag = ref.rpartition(":")
         changes = [f'LABEL {k}="{v}"' for k, v in labels.items()]
         cid = self.api.create_container(image_id, command=["true"], labels={MANAGED: "true"})["Id"]
-        try:
+        try:  # an API error becomes an EngineError through @_translated
             result = self.api.commit(cid, repository=repo, tag=tag, changes=changes)
-        except docker.errors.APIError as exc:
-            raise EngineError(f"labelling {ref} failed: {exc.explanation}") from None
         finally:
             self.api.remove_container(cid, force=True)
         return str(result["Id"])

@@ -18,6 +18,7 @@ from email.parser import Parser
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 from builder.matrix.model import Matrix
 from builder.sources import Sources
@@ -67,7 +68,7 @@ def linux_wheels(files: list[dict[str, object]], package: str, version: str) -> 
 
 def python_range(wheels: dict[str, dict[str, object]]) -> list[str]:
     versions = [f"{cp[2]}.{cp[3:]}" for cp in wheels if len(cp) >= 4]
-    return sorted(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
+    return sorted(versions, key=Version)
 
 
 def cudnn_pin(metadata: str) -> str | None:
@@ -123,7 +124,7 @@ def check(matrix: Matrix, index: Index, frameworks: set[str] | None = None) -> l
             vpath = ("frameworks", fw_name, "versions", version)
             where = matrix.where((*vpath, "python"))
             have = python_range(wheels) or ["unavailable"]
-            claimed = sorted(fv.python, key=lambda v: tuple(int(p) for p in v.split(".")))
+            claimed = sorted(fv.python, key=Version)
             facts.append(Fact(framework=fw_name, version=version, line="*", fact="python", where=where,
                               matrix=", ".join(claimed), index=", ".join(have)))
             for line, build in fv.builds.items():
