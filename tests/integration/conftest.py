@@ -17,7 +17,8 @@ from builder.engine import MANAGED, TAG, Engine
 from builder.errors import EngineError
 
 ROOT = Path(__file__).resolve().parents[2]
-REPOSITORY = "builder-test"
+# Parallel test runs on one engine use different repositories so their images never collide.
+REPOSITORY = os.environ.get("BUILDER_TEST_REPOSITORY", "builder-test")
 TORCH = ["--framework", "torch==2.4.1", "--cuda", "12.1", "--python", "3.11"]
 TF = ["--framework", "tensorflow==2.18.0", "--cuda", "12.5", "--python", "3.11"]
 TORCH_TAG = f"{REPOSITORY}/torch:2.4.1-cuda12.1-cudnn9.1-py3.11-runtime-debian12"
@@ -99,7 +100,7 @@ def work(tmp_path_factory, engine) -> Work:
     for info in engine.images_with_label(TAG, all_images=True):
         if info.labels.get(TAG, "").startswith(f"{REPOSITORY}/"):
             engine.remove_images_with_label(TAG, info.labels[TAG])
-    engine.remove_containers(MANAGED)
+    engine.remove_containers(MANAGED, running=False)  # running ones belong to another run still under way
     engine.prune_dangling(MANAGED)
 
 
