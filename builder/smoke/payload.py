@@ -458,6 +458,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.environ.get("BUILDER_SMOKE_OUT", "/tmp/builder-smoke/result.json"))
     parser.add_argument("--gpu", choices=["auto", "off"], default="auto")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--promises", action="store_true", help="also check what every image promises (promises.py)")
     args = parser.parse_args(argv)
     claims = None
     if args.claims:
@@ -467,6 +468,9 @@ def main(argv=None):
     if framework not in ("torch", "tensorflow"):
         parser.error("give --claims or --framework")
     report = Report()
+    if args.promises:  # promises.py ships beside this file; run first, before the framework writes to /tmp
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        report.guard("promise", lambda: importlib.import_module("promises").check(report, claims))
     wheels = nvidia_wheels()
     name, version = cudnn_wheel(wheels)
     ok, output = pip_check()
