@@ -1,6 +1,6 @@
 """The typed values that leave the matrix stage: resolved bases and cells.
 
-A cell's tag is computed here and nowhere else.
+A cell's tag is composed by builder.tags and nowhere else.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from builder import tags
 from builder.matrix.schema import MatrixFile
 
 
@@ -62,12 +63,18 @@ class Cell:
         return ".".join(self.cudnn.split(".")[:2]) if self.cudnn else None
 
     @property
+    def image_repository(self) -> str:
+        return tags.cell_repository(self.repository, self.framework)
+
+    @property
+    def image_tag(self) -> str:
+        return tags.cell_tag(version=self.version, cuda=self.cuda, cudnn=self.cudnn, python=self.python,
+                             flavor=self.flavor, base=self.base.name)
+
+    @property
     def tag(self) -> str:
-        parts = [self.version, self.cuda_label]
-        if self.cudnn_short:
-            parts.append(f"cudnn{self.cudnn_short}")
-        parts += [f"py{self.python}", self.flavor, self.base.name]
-        return f"{self.repository}/{self.framework}:{'-'.join(parts)}"
+        """The full reference, `repository/framework:tag` (composed in builder.tags)."""
+        return f"{self.image_repository}:{self.image_tag}"
 
     @property
     def key(self) -> tuple[str, str, str, str, str, str]:
