@@ -7,7 +7,6 @@ containers; finished images and their records stay.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -15,20 +14,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from builder import __version__
 from builder.bases import ensure_base
-from builder.engine import HASH, MANAGED, TAG, Engine, ImageInfo
+from builder.engine import HASH, MANAGED, TAG, ContainerEngine, ImageInfo
 from builder.errors import BuilderError, BuildFailed, Interrupted
 from builder.matrix.model import Cell
+from builder.pool import run_pool
 from builder.render import ROOT, render
 from builder.sources import Sources, serve
+from builder.state import State
 
 log = logging.getLogger("builder")
 
@@ -64,10 +63,6 @@ class BuildResult:
         return self.status in ("built", "up to date")
 
 
-def safe_name(tag: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", tag)
-
-
 def revision() -> str:
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -77,7 +72,7 @@ def revision() -> str:
         return "unknown"
 
 
-def find_built(engine: Engine, content_hash: str) -> ImageInfo | None:
+def find_built(engine: ContainerEngine, content_hash: str) -> ImageInfo | None:
     """An image already built from exactly this content, if the engine has one."""
     found = engine.images_with_label(HASH, content_hash)
     return found[0] if found else None
@@ -125,22 +120,24 @@ class Progress:
 
 
 def _build_one(
-    engine: Engine, cell: Cell, options: BuildOptions, progress: Progress, stop: threading.Event,
+    engine: ContainerEngine, cell: Cell, options: BuildOptions, progress: Progress, stop: threading.Event,
     base_lock: threading.Lock,
 ) -> BuildResult:
     started = time.monotonic()
-    context = render(cell)
-    log_path = options.state_dir / "logs" / f"{safe_name(cell.tag)}.log"
-    if not options.force:
-        existing = find_built(engine, context.content_hash)
+    state = State(options.state_dir)
+    log_path = state.log_path(cell.tag)
+    # The hash covers the base image the engine holds, not its tag: a base that moved is a change.
+    base = engine.image(cell.base.image)
+    if not options.force and base is not None:
+        existing = find_built(engine, render(cell, base_id=base.id).content_hash)
         if existing is not None:
             if cell.tag not in existing.tags:
                 engine.tag(existing.id, cell.tag)
             return BuildResult(cell=cell, status="up to date", seconds=time.monotonic() - started,
                                image_id=existing.id, size=existing.size, log_path=log_path)
     with base_lock:  # two cells on one base must not bootstrap it twice
-        ensure_base(engine, cell.base)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+        base_id, _ = ensure_base(engine, cell.base)
+    context = render(cell, base_id=base_id)
     tail: list[str] = []
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     labels = {
@@ -174,88 +171,12 @@ def _build_one(
         "seconds": round(seconds, 1), "size": info.size if info else 0, "upstream_bytes": upstream,
         "cached_bytes": cached, "lock": lock.decode().split(), "cell": cell.claims(), "tool": __version__,
     }
-    write_json(options.state_dir / "records" / f"{safe_name(cell.tag)}.json", record)
+    state.write_record(cell.tag, record)
     return BuildResult(cell=cell, status="built", seconds=seconds, image_id=image_id, size=int(record["size"]),
                        upstream_bytes=upstream, cached_bytes=cached, log_path=log_path)
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write atomically: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-class Result(Protocol):
-    @property
-    def cell(self) -> Cell: ...
-
-    @property
-    def ok(self) -> bool: ...
-
-
-R = TypeVar("R", bound=Result)
-
-
-def run_pool(
-    cells: list[Cell],
-    jobs: int,
-    work: Callable[[Cell, threading.Event], R],
-    on_done: Callable[[R], None],
-    placeholder: Callable[[Cell, str], R],
-    cleanup: Callable[[], int],
-    fail_fast: bool = False,
-) -> list[R]:
-    """Run `work` for each cell in a bounded pool. Ctrl-C: stop, clean up, then raise Interrupted.
-
-    Shared by build and certify, which need the same stop-and-clean-up behaviour. `placeholder` makes
-    the result of a cell that never ran ("skipped" or "interrupted").
-    """
-    stop = threading.Event()
-    results: dict[str, R] = {}
-    pending = list(cells)
-    running: dict[Future[R], Cell] = {}
-    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
-    failed = False
-    try:
-        while pending or running:
-            while pending and len(running) < max(1, jobs) and not (fail_fast and failed):
-                cell = pending.pop(0)
-                running[pool.submit(work, cell, stop)] = cell
-            if not running:
-                break
-            done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
-            for fut in done:
-                cell = running.pop(fut)
-                result = fut.result()
-                results[cell.tag] = result
-                failed = failed or not result.ok
-                on_done(result)
-        for cell in pending:
-            results[cell.tag] = placeholder(cell, "skipped")
-    except KeyboardInterrupt:
-        stop.set()
-        log.warning("interrupted: stopping %d job(s) and removing their containers ...", len(running))
-        deadline = time.monotonic() + 120
-        while running and time.monotonic() < deadline:
-            cleanup()  # kills the step in flight, so the engine ends that build or run now
-            done, _ = wait(list(running), timeout=1)
-            for fut in done:
-                cell = running.pop(fut)
-                if fut.exception() is None:
-                    results[cell.tag] = fut.result()
-        cleanup()
-        for cell in [*running.values(), *pending]:
-            results.setdefault(cell.tag, placeholder(cell, "interrupted"))
-        pool.shutdown(wait=False, cancel_futures=True)
-        kept = sum(r.ok for r in results.values())
-        raise Interrupted(f"interrupted: {kept} finished image(s) and their records were kept") from None
-    pool.shutdown(wait=True)
-    return [results[c.tag] for c in cells]
-
-
-def build_cells(engine: Engine, cells: list[Cell], options: BuildOptions) -> list[BuildResult]:
+def build_cells(engine: ContainerEngine, cells: list[Cell], options: BuildOptions) -> list[BuildResult]:
     base_lock = threading.Lock()
     since = time.time()
 
@@ -282,7 +203,7 @@ def build_cells(engine: Engine, cells: list[Cell], options: BuildOptions) -> lis
     return results
 
 
-def prune_builder_stages(engine: Engine) -> None:
+def prune_builder_stages(engine: ContainerEngine) -> None:
     """Drop the untagged builder-stage images (as large as the final image) once no build needs them."""
     try:
         freed = engine.prune_dangling(MANAGED)

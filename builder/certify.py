@@ -22,18 +22,18 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from builder import __version__
-from builder.build import run_pool, safe_name, write_json
 from builder.engine import CERT_DIGEST, HASH, LEVEL, SESSION, Engine
 from builder.errors import BuilderError, Interrupted
 from builder.matrix.model import Cell
+from builder.pool import run_pool
 from builder.render import render
 from builder.smoke.payload import host_driver  # the same probe the payload runs in a container
+from builder.state import LEVELS, State
 
 log = logging.getLogger("builder")
 
 CERT_SCHEMA = 1
 RESULT_PATH = "/tmp/builder-smoke/result.json"
-LEVELS = ("failed", "cpu-verified", "gpu-certified")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,10 +142,6 @@ class CertifyResult:
         return self.level == "gpu-certified" if self.gpu_required else self.level in LEVELS[1:]
 
 
-def certificate_path(state_dir: Path, tag: str) -> Path:
-    return state_dir / "certificates" / f"{safe_name(tag)}.json"
-
-
 def certify_one(engine: Engine, cell: Cell, options: CertifyOptions, session: str, stop: threading.Event,
                 runtimes: set[str], driver: str | None) -> tuple[str, dict[str, Any] | None, str]:
     """Certify one cell; returns (level, certificate or None, one-line summary)."""
@@ -166,8 +162,7 @@ def certify_one(engine: Engine, cell: Cell, options: CertifyOptions, session: st
     started = datetime.now(timezone.utc)
     run = engine.run(image_id, command, labels={SESSION: session}, timeout=options.timeout,
                      mem_limit=options.memory, gpus=gpus, fetch=RESULT_PATH, stop=stop)
-    log_path = options.state_dir / "logs" / f"{safe_name(cell.tag)}.certify.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = State(options.state_dir).log_path(cell.tag, "certify")
     log_path.write_text(run.logs, encoding="utf-8")
     raw = next(iter(run.files.values()), None)
     try:
@@ -193,8 +188,7 @@ def certify_one(engine: Engine, cell: Cell, options: CertifyOptions, session: st
         "run": {"exit_code": run.exit_code, "seconds": round(run.seconds, 1), "log": str(log_path)},
     }
     certificate["digest"] = digest(certificate)
-    path = certificate_path(options.state_dir, cell.tag)
-    write_json(path, certificate)
+    path = State(options.state_dir).write_certificate(cell.tag, certificate)
     engine.stamp(image_id, cell.tag, {LEVEL: outcome.level, CERT_DIGEST: certificate["digest"]})
     passed = sum(c["status"] == "pass" for c in certificate["checks"])
     summary = f"{passed}/{len(certificate['checks'])} checks passed; certificate {path}"
@@ -211,8 +205,7 @@ def certify_cells(engine: Engine, cells: list[Cell], options: CertifyOptions) ->
     driver = host_driver()
     if options.gpus != "none" and "nvidia" not in runtimes:
         log.info("the engine at %s has no NVIDIA runtime: certifying on the CPU", engine.address)
-    index_path = options.state_dir / "certificates" / "index.json"
-    index_lock = threading.Lock()
+    state = State(options.state_dir)
 
     def work(cell: Cell, stop: threading.Event) -> CertifyResult:
         started = time.monotonic()
@@ -225,12 +218,8 @@ def certify_cells(engine: Engine, cells: list[Cell], options: CertifyOptions) ->
             level, summary = "failed", str(exc)
         path = None
         if cert is not None:
-            path = certificate_path(options.state_dir, cell.tag)
-            with index_lock:  # the index next to the certificates: tag -> level, digest, image
-                index = json.loads(index_path.read_text()) if index_path.exists() else {}
-                index[cell.tag] = {"image": cert["image"]["id"], "level": cert["level"], "digest": cert["digest"],
-                                   "time": cert["time"]}
-                write_json(index_path, index)
+            path = state.certificate_path(cell.tag)
+            state.index_certificate(cell.tag, cert)  # tag -> level, digest, image, beside the certificates
         return CertifyResult(cell=cell, level=level, seconds=time.monotonic() - started, summary=summary,
                              certificate=path, gpu_required=options.require_gpu)
 

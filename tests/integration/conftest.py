@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 
 from builder.engine import MANAGED, TAG, Engine
 from builder.errors import EngineError
+from builder.state import State
 
 ROOT = Path(__file__).resolve().parents[2]
 # Parallel test runs on one engine use different repositories so their images never collide.
@@ -48,15 +48,20 @@ class Work:
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-3000:]}")
         return proc
 
-    def record(self, tag: str) -> dict:
-        from builder.build import safe_name
+    @property
+    def store(self) -> State:
+        """The state directory the CLI writes, read through the same API as every stage."""
+        return State(self.state)
 
-        return json.loads((self.state / "records" / f"{safe_name(tag)}.json").read_text())
+    def record(self, tag: str) -> dict:
+        record = self.store.read_record(tag)
+        assert record is not None, f"no build record for {tag} in {self.state}"
+        return record
 
     def certificate(self, tag: str) -> dict:
-        from builder.build import safe_name
-
-        return json.loads((self.state / "certificates" / f"{safe_name(tag)}.json").read_text())
+        cert = self.store.read_certificate(tag)
+        assert cert is not None, f"no certificate for {tag} in {self.state}"
+        return cert
 
 
 def interrupt_when(work: Work, args: list[str], ready, what: str, timeout: float = 600) -> tuple[int, str]:

@@ -88,7 +88,7 @@ def test_tf_cell_builds_with_sources_kept_out_of_the_image(engine, work, tmp_pat
                      "print(tf.__version__, b['cuda_version'], b['cudnn_version'])")
     assert out == "2.18.0 12.5.1 9"
     # The builder stage did see the bundle: its log shows pip reaching the index with it.
-    log = (work.state / "logs" / f"{TF_TAG.replace('/', '_').replace(':', '_')}.log").read_text()
+    log = work.store.log_path(TF_TAG).read_text()
     assert "pypi.org:443" in log
     needles = [marker, index.encode(), b"builder-sources"]
     history = " ".join(str(h.get("CreatedBy", "")) for h in engine.history(info.id))
@@ -106,7 +106,7 @@ def test_tf_cell_builds_with_sources_kept_out_of_the_image(engine, work, tmp_pat
 
 
 def test_interrupted_build_leaves_no_containers(engine, work, torch_built):
-    log = work.state / "logs" / f"{TORCH_TAG.replace('/', '_').replace(':', '_')}.log"
+    log = work.store.log_path(TORCH_TAG)
     log.unlink(missing_ok=True)
 
     def installing() -> bool:  # pip is running inside a RUN container
