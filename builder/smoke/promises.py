@@ -63,12 +63,27 @@ def check(report, claims):
 
 
 # --------------------------------------------------------------------------------------------- user
-def non_root(report, uid=None, gid=None):
+def non_root(report, uid=None, gid=None, image_user=None):
+    """Not root, and (where certify passes the image's configured USER) a numeric uid:gid that is this one.
+
+    Kubernetes' runAsNonRoot accepts only a numeric USER: a name cannot be checked without running.
+    """
     uid = os.getuid() if uid is None else uid
     gid = os.getgid() if gid is None else gid
-    ok = uid != 0 and gid != 0
-    return report.add("promise.non_root", ok, f"runs as uid {uid}, gid {gid}" + ("" if ok else ": root"),
-                      uid=uid, gid=gid)
+    image_user = os.environ.get("BUILDER_IMAGE_USER") if image_user is None else image_user
+    problems = []
+    if uid == 0 or gid == 0:
+        problems.append("root")
+    if image_user is not None:
+        numeric = re.fullmatch(r"([0-9]+)(?::([0-9]+))?", image_user)
+        if numeric is None:
+            problems.append(f"the image's USER {image_user!r} is not a numeric uid[:gid]")
+        elif int(numeric.group(1)) != uid or (numeric.group(2) is not None and int(numeric.group(2)) != gid):
+            problems.append(f"the image's USER {image_user} is not the uid:gid this runs as")
+    detail = f"runs as uid {uid}, gid {gid}" + (f" (USER {image_user})" if image_user else "")
+    if problems:
+        detail += ": " + "; ".join(problems)
+    return report.add("promise.non_root", not problems, detail, uid=uid, gid=gid, image_user=image_user)
 
 
 # ---------------------------------------------------------------------------------------- the files

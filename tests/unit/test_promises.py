@@ -25,12 +25,21 @@ def only(report: payload.Report, name: str) -> dict:
     return found[0]
 
 
-def test_root_fails_and_a_numeric_user_passes():
+def test_root_fails_and_a_numeric_user_passes(monkeypatch):
+    monkeypatch.delenv("BUILDER_IMAGE_USER", raising=False)
     report = fresh()
     assert not promises.non_root(report, uid=0, gid=0)
     assert promises.non_root(report, uid=10001, gid=10001)
     assert [c["status"] for c in report.checks] == ["fail", "pass"]
     assert not promises.non_root(fresh(), uid=10001, gid=0)  # root's group is root too
+
+
+@pytest.mark.parametrize("user,ok", [("10001:10001", True), ("10001", True), ("app", False), ("", False),
+                                     ("10002:10001", False), ("0:0", False)])
+def test_the_image_user_must_be_numeric_and_the_one_running(user, ok):
+    report = fresh()
+    assert promises.non_root(report, uid=10001, gid=10001, image_user=user) is ok
+    assert only(report, "promise.non_root")["values"]["image_user"] == user
 
 
 def _tree(root: Path, files: dict[str, int]) -> None:
