@@ -13,14 +13,14 @@ import subprocess
 import tempfile
 import time
 
-from builder.engine import Engine
+from builder.engine import ContainerEngine
 from builder.errors import BaseImageError, EngineError
 from builder.matrix.model import Base
 
 log = logging.getLogger("builder")
 
 
-def _bootstrap(engine: Engine, base: Base) -> str:
+def _bootstrap(engine: ContainerEngine, base: Base) -> str:
     assert base.bootstrap is not None
     if shutil.which("debootstrap") is None:
         raise RuntimeError("debootstrap is not installed (apt-get install debootstrap)")
@@ -51,7 +51,7 @@ def _bootstrap(engine: Engine, base: Base) -> str:
     return image_id
 
 
-def ensure_base(engine: Engine, base: Base) -> tuple[str, str]:
+def ensure_base(engine: ContainerEngine, base: Base) -> tuple[str, str]:
     """(image id, how it was had: local, pulled or bootstrapped), by the first way that works."""
     found = engine.image(base.image)
     if found is not None:

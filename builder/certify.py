@@ -2,18 +2,23 @@
 
 The certificate (JSON, one per image) is the proof; its level and digest are also stamped on the
 image as labels, in a thin layer committed on top of the tested image, so `docker image inspect`
-shows them wherever the image goes.
+shows them wherever the image goes. The payload is copied into the container at run time, not built
+into the image: a new check changes no image's hash, and the certificate records which payload ran.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import platform
+import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,18 +27,27 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from builder import __version__
-from builder.engine import CERT_DIGEST, HASH, LEVEL, SESSION, Engine
+from builder.engine import CERT_DIGEST, HASH, LEVEL, SESSION, ContainerEngine, GpuRequest
 from builder.errors import BuilderError, Interrupted
+from builder.gpu import DriverProbe, gpu_paths
 from builder.matrix.model import Cell
 from builder.pool import run_pool
-from builder.render import render
-from builder.smoke.payload import host_driver  # the same probe the payload runs in a container
+from builder.render import SMOKE, render
 from builder.state import LEVELS, State
 
 log = logging.getLogger("builder")
 
-CERT_SCHEMA = 1
+CERT_SCHEMA = 2
+PAYLOAD_DIR = "/opt/builder/smoke"
 RESULT_PATH = "/tmp/builder-smoke/result.json"
+# What gpu-certified means: each of these passed in a run that was given GPUs ...
+REQUIRED_GPU_CHECKS = ("gpu.visible", "gpu.cudnn_conv", "gpu.matches_cpu", "gpu.train_mixed_precision",
+                       "gpu.matmul", "gpu.no_cpu_fallback")
+# ... and, with two or more GPUs, the collective too.
+MULTI_GPU_CHECKS = ("gpu.all_reduce",)
+# Lines a framework logs when it was given GPUs and could not use them: kept as the cause of the failure.
+GPU_REFUSALS = ("Skipping registering GPU devices", "Cannot dlopen some GPU libraries", "CUDA driver version is "
+                "insufficient", "cuInit", "Found no NVIDIA driver", "no CUDA-capable device")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +58,23 @@ class CertifyOptions:
     timeout: float = 900.0
     memory: str = "8g"
     jobs: int = 1
+    force: bool = False  # re-run even where the certificate is current
+    lock_dir: Path = Path(tempfile.gettempdir())  # where the per-engine GPU lock lives
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuPlan:
+    """What one certify run asks of the engine's GPUs, and why."""
+
+    request: GpuRequest | None  # what each container gets
+    probe: DriverProbe | None  # the engine host's driver and GPUs, where a probe ran
+    paths: frozenset[str]  # how the engine hands out GPUs: runtime, hook, cdi
+    note: str | None = None  # why no GPU is asked for, where one might have been
+    error: str | None = None  # GPUs were asked for and the engine cannot serve them
+
+    @property
+    def requested(self) -> bool:
+        return self.request is not None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,45 +97,81 @@ def driver_shortfall(cell: Cell, driver: str | None) -> tuple[bool, str | None]:
         return True, f"cannot compare driver {driver!r} with the cell's minimum {cell.driver_floor}"
     if have < floor:
         return False, (f"host driver {driver} is older than {cell.driver_floor}, the oldest that runs CUDA "
-                       f"{cell.cuda} (GA driver {cell.driver_ga}): upgrade the driver; GPU checks skipped")
+                       f"{cell.cuda} (GA driver {cell.driver_ga}): upgrade the driver")
     if have < ga:
         return True, (f"host driver {driver} runs CUDA {cell.cuda} through minor-version compatibility; "
                       f"features that JIT-compile PTX need {cell.driver_ga} or newer")
     return True, None
 
 
-def gpu_request(option: str, runtimes: set[str]) -> int | None:
-    """How many GPUs to ask the engine for: None for none, -1 for all."""
+def plan_gpus(option: str, paths: set[str], probe: DriverProbe | None, address: str) -> GpuPlan:
+    """Decide the GPU request from --gpus, the engine's ways to hand out GPUs, and its host's probe.
+
+    `probe` is None where the engine refused a GPU request outright (no runtime, hook or CDI).
+    `all` or a count asks for GPUs whatever the probe saw; a run that then sees none fails. `auto`
+    asks only where the engine can hand GPUs out and its host's driver lists at least one: a host
+    with the NVIDIA toolkit and no GPU is not asking for one.
+    """
+    ways = frozenset(paths | ({"hook"} if probe is not None and "runtime" not in paths and "cdi" not in paths
+                              else set()))
     if option == "none":
-        return None
-    if option == "auto":
-        return -1 if "nvidia" in runtimes else None
-    if option == "all":
-        return -1
-    return int(option)
+        return GpuPlan(request=None, probe=probe, paths=ways)
+    cdi = ways == {"cdi"}
+    if option != "auto":
+        if not ways:
+            return GpuPlan(request=None, probe=probe, paths=ways, error=(
+                f"--gpus {option}: the engine at {address} cannot hand out GPUs (no NVIDIA runtime, hook or CDI "
+                "device): install the NVIDIA Container Toolkit and restart the engine, or use --gpus none"))
+        return GpuPlan(request=GpuRequest(count=-1 if option == "all" else int(option), cdi=cdi), probe=probe,
+                       paths=ways)
+    if not ways:
+        return GpuPlan(request=None, probe=probe, paths=ways,
+                       note=f"the engine at {address} has no NVIDIA runtime, hook or CDI device: CPU only")
+    if probe is None or not probe.gpus:
+        why = probe.error if probe is not None and probe.error else "no GPU listed"
+        return GpuPlan(request=None, probe=probe, paths=ways,
+                       note=f"the engine at {address} can hand out GPUs ({', '.join(sorted(ways))}) but its host "
+                            f"shows none ({why}): CPU only")
+    return GpuPlan(request=GpuRequest(count=-1, cdi=cdi), probe=probe, paths=ways)
 
 
-def decide(result: dict[str, Any] | None, exit_code: int | None, gpus: int | None, require_gpu: bool) -> Outcome:
-    """The level an image earns from its payload's result."""
+def _check(checks: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((c for c in checks if c.get("name") == name), None)
+
+
+def decide(result: dict[str, Any] | None, exit_code: int | None, *, requested: bool, require_gpu: bool,
+           logs: str = "") -> Outcome:
+    """The level an image earns from its payload's result.
+
+    gpu-certified needs every check in REQUIRED_GPU_CHECKS to pass (and the collective with two or
+    more GPUs) in a run that was given GPUs. A run given GPUs that does not get there fails, naming
+    the cause: cpu-verified is only for runs where no GPU was asked for.
+    """
     if result is None:
         why = "the payload timed out" if exit_code is None else f"the payload wrote no result (exit {exit_code})"
         return Outcome(level="failed", reasons=[why], gpu_note=None)
-    checks = result.get("checks") or []
-    failed = [f"{c['name']}: {c['detail']}" for c in checks if c["status"] == "fail"]
+    checks = [c for c in result.get("checks") or [] if isinstance(c, dict)]
+    failed = [f"{c.get('name')}: {c.get('detail')}" for c in checks if c.get("status") == "fail"]
     if exit_code not in (0, None) and not failed:
         failed.append(f"the payload exited with {exit_code}")
     if exit_code is None:
         failed.append("the payload timed out")
-    gpu_passed = any(c["name"].startswith("gpu.") and c["status"] == "pass" for c in checks)
-    if failed:
-        level = "failed"
-    elif gpus and gpu_passed:
-        level = "gpu-certified"
-    else:
-        level = "cpu-verified"
+    if requested:
+        gpus = (result.get("inventory") or {}).get("gpus") or []
+        needed = REQUIRED_GPU_CHECKS + (MULTI_GPU_CHECKS if len(gpus) >= 2 else ())
+        for name in needed:
+            check = _check(checks, name)
+            if check is None:
+                failed.append(f"{name}: GPUs were requested but this check never ran")
+            elif check.get("status") == "skip":
+                failed.append(f"{name}: GPUs were requested but it was skipped ({check.get('detail')})")
+        refusals = sorted({line.strip()[-200:] for line in logs.splitlines() if any(r in line for r in GPU_REFUSALS)})
+        if failed and refusals:
+            failed.append("the framework said: " + " | ".join(refusals[:3]))
+    level = "failed" if failed else "gpu-certified" if requested else "cpu-verified"
     note = None
     if require_gpu and level == "cpu-verified":
-        note = "--require-gpu: no GPU check ran (no GPU visible in the container)"
+        note = "--require-gpu: no GPU was given to the container"
     return Outcome(level=level, reasons=failed, gpu_note=note)
 
 
@@ -113,7 +180,21 @@ def digest(certificate: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def find_tested_image(engine: Engine, tag: str, content_hash: str) -> str | None:
+def payload_files() -> dict[str, bytes]:
+    """The smoke payload as it goes into each container: every file beside payload.py, by its path there."""
+    return {f"{PAYLOAD_DIR}/{p.name}": p.read_bytes() for p in sorted(SMOKE.iterdir())
+            if p.is_file() and p.suffix in (".py", ".json")}
+
+
+def payload_digest(files: dict[str, bytes]) -> str:
+    """One digest for the payload that ran: recorded in the certificate, compared to find stale ones."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).hexdigest().encode() + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def find_tested_image(engine: ContainerEngine, tag: str, content_hash: str) -> str | None:
     """The image built from this content: the build itself, never a certificate layer stamped on it.
 
     The classic builder's intermediate images carry the build's labels too, so candidates are narrowed
@@ -128,6 +209,12 @@ def find_tested_image(engine: Engine, tag: str, content_hash: str) -> str | None
     return leaves[-1].id if leaves else None
 
 
+def current_hash(engine: ContainerEngine, cell: Cell) -> str:
+    """The cell's content hash against the base the engine holds now (see render.render)."""
+    base = engine.image(cell.base.image)
+    return render(cell, base_id=base.id if base is not None else None).content_hash
+
+
 @dataclass(frozen=True, kw_only=True)
 class CertifyResult:
     cell: Cell
@@ -136,62 +223,129 @@ class CertifyResult:
     summary: str = ""
     certificate: Path | None = None
     gpu_required: bool = False
+    current: bool = False  # an existing certificate was still current: nothing ran
 
     @property
     def ok(self) -> bool:
         return self.level == "gpu-certified" if self.gpu_required else self.level in LEVELS[1:]
 
 
-def certify_one(engine: Engine, cell: Cell, options: CertifyOptions, session: str, stop: threading.Event,
-                runtimes: set[str], driver: str | None) -> tuple[str, dict[str, Any] | None, str]:
+def staleness(cert: dict[str, Any] | None, image_id: str, stamped: str | None, payload: str,
+              plan: GpuPlan) -> str | None:
+    """Why an existing certificate no longer stands for this image and payload; None when it is current."""
+    if cert is None:
+        return "no certificate"
+    if (cert.get("image") or {}).get("id") != image_id:
+        return "certified another build of this cell"
+    if (cert.get("payload") or {}).get("digest") != payload:
+        return f"certified by an older payload ({(cert.get('payload') or {}).get('digest', 'unrecorded')[:19]})"
+    if stamped != cert.get("digest"):
+        return "the image's stamp does not carry this certificate's digest"
+    if plan.requested != bool((cert.get("host") or {}).get("gpus_requested")):
+        return "GPUs are requested now and were not then" if plan.requested else "certified with GPUs; none now"
+    return None
+
+
+def summarize(checks: list[dict[str, Any]]) -> str:
+    """`9 passed, 1 skipped (no GPU)`: counts by status, with the reasons for skips."""
+    counts = {s: sum(c.get("status") == s for c in checks) for s in ("pass", "fail", "skip")}
+    text = f"{counts['pass']} passed"
+    if counts["fail"]:
+        text += f", {counts['fail']} failed"
+    if counts["skip"]:
+        why = sorted({str(c.get("detail", "")).split(":")[0][:40] for c in checks if c.get("status") == "skip"})
+        text += f", {counts['skip']} skipped ({'; '.join(why)})"
+    return text
+
+
+@contextmanager
+def gpu_lease(lock_dir: Path, address: str, plan: GpuPlan) -> Iterator[None]:
+    """Hold the engine's GPUs for one run: concurrent certify runs (threads or processes) never share them.
+
+    A run without GPUs takes no lock. One that has to wait says so, rather than measuring a GPU that
+    another run is loading.
+    """
+    if not plan.requested:
+        yield
+        return
+    path = lock_dir / f"builder-gpus-{hashlib.sha256(address.encode()).hexdigest()[:16]}.lock"
+    with path.open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for the GPUs of %s: another certify run holds them (%s)", address, path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def certify_one(engine: ContainerEngine, cell: Cell, options: CertifyOptions, session: str,
+                stop: threading.Event, plan: GpuPlan) -> tuple[str, dict[str, Any] | None, str]:
     """Certify one cell; returns (level, certificate or None, one-line summary)."""
-    context = render(cell)
-    image_id = find_tested_image(engine, cell.tag, context.content_hash)
+    state = State(options.state_dir)
+    content_hash = current_hash(engine, cell)
+    image_id = find_tested_image(engine, cell.tag, content_hash)
     if image_id is None:
-        return "not built", None, "no image from the current matrix and templates: run `python -m builder build` first"
-    if options.gpus not in ("auto", "none") and "nvidia" not in runtimes:
-        # Asking anyway would fail at start with `could not select device driver "" with capabilities: [[gpu]]`.
-        return "failed", None, (f"--gpus {options.gpus}: the engine at {engine.address} has no NVIDIA runtime "
-                                "(install nvidia-container-toolkit and restart the engine, or use --gpus none)")
-    gpus = gpu_request(options.gpus, runtimes)
+        return "not built", None, "no image from the current matrix, templates and base: run `python -m builder build`"
+    if plan.error:
+        return "failed", None, plan.error
+    files = payload_files()
+    payload = payload_digest(files)
+    old = state.read_certificate(cell.tag)
+    tagged = engine.image(cell.tag)
+    stale = staleness(old, image_id, tagged.labels.get(CERT_DIGEST) if tagged else None, payload, plan)
+    if stale is None and old is not None and not options.force:
+        return str(old["level"]), old, f"current: {summarize(old.get('checks') or [])} (--force re-runs it)"
+    if old is not None and stale is not None:
+        log.info("%s: re-certifying: %s", cell.tag, stale)
+    request = plan.request
+    driver = plan.probe.version if plan.probe else None
     usable, driver_note = driver_shortfall(cell, driver)
-    if gpus and not usable:
-        gpus = None
-    command = ["python", "/opt/builder/smoke/payload.py", "--claims", "/opt/builder/cell.json",
-               "--out", RESULT_PATH, "--gpu", "auto"]
+    if request is not None and not usable:
+        return "failed", None, f"GPUs were requested, but {driver_note}"
+    mode = "require" if request is not None else "off"
+    command = ["python", f"{PAYLOAD_DIR}/payload.py", "--claims", "/opt/builder/cell.json", "--out", RESULT_PATH,
+               "--gpu", mode]
     started = datetime.now(timezone.utc)
-    run = engine.run(image_id, command, labels={SESSION: session}, timeout=options.timeout,
-                     mem_limit=options.memory, gpus=gpus, fetch=RESULT_PATH, stop=stop)
-    log_path = State(options.state_dir).log_path(cell.tag, "certify")
+    with gpu_lease(options.lock_dir, engine.address, plan):
+        run = engine.run(image_id, command, labels={SESSION: session}, timeout=options.timeout,
+                         mem_limit=options.memory, gpus=request, inject=files, fetch=RESULT_PATH, stop=stop)
+    log_path = state.log_path(cell.tag, "certify")
     log_path.write_text(run.logs, encoding="utf-8")
     raw = next(iter(run.files.values()), None)
     try:
         result = json.loads(raw) if raw else None
     except ValueError:  # a payload killed mid-write leaves half a file: no result, and the level says so
         result = None
-    outcome = decide(result, run.exit_code, gpus, options.require_gpu)
+    if result is not None and not isinstance(result, dict):
+        result = None
+    outcome = decide(result, run.exit_code, requested=request is not None, require_gpu=options.require_gpu,
+                     logs=run.logs)
     inventory = (result or {}).get("inventory", {})
     certificate: dict[str, Any] = {
         "schema": CERT_SCHEMA,
         "tool": {"name": "builder", "version": __version__},
+        "payload": {"digest": payload, "files": sorted(files)},
         "time": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "image": {"id": image_id, "tag": cell.tag, "content_hash": context.content_hash},
+        "image": {"id": image_id, "tag": cell.tag, "content_hash": content_hash},
         "cell": cell.claims(),
-        "host": {"name": platform.node(), "engine": engine.address, "driver": driver,
-                 "gpus_requested": gpus, "gpus": inventory.get("gpus", []), "driver_in_container":
-                 inventory.get("driver")},
+        "host": {"name": platform.node(), "engine": engine.address,
+                 "driver": driver, "driver_probe": plan.probe.summary if plan.probe else None,
+                 "gpu_paths": sorted(plan.paths), "gpus_requested": request.count if request else None,
+                 "gpus": inventory.get("gpus", []), "driver_in_container": inventory.get("driver")},
         "level": outcome.level,
         "reasons": outcome.reasons,
-        "notes": [n for n in (driver_note, outcome.gpu_note) if n],
+        "notes": [n for n in (plan.note, driver_note, outcome.gpu_note) if n],
         "checks": (result or {}).get("checks", []),
         "inventory": inventory,
         "run": {"exit_code": run.exit_code, "seconds": round(run.seconds, 1), "log": str(log_path)},
     }
     certificate["digest"] = digest(certificate)
-    path = State(options.state_dir).write_certificate(cell.tag, certificate)
+    path = state.write_certificate(cell.tag, certificate)
     engine.stamp(image_id, cell.tag, {LEVEL: outcome.level, CERT_DIGEST: certificate["digest"]})
-    passed = sum(c["status"] == "pass" for c in certificate["checks"])
-    summary = f"{passed}/{len(certificate['checks'])} checks passed; certificate {path}"
+    summary = f"{summarize(certificate['checks'])}; certificate {path}"
     if outcome.reasons:
         summary = "; ".join(outcome.reasons[:3]) + f"; certificate {path}"
     if outcome.gpu_note:
@@ -199,29 +353,43 @@ def certify_one(engine: Engine, cell: Cell, options: CertifyOptions, session: st
     return outcome.level, certificate, summary
 
 
-def certify_cells(engine: Engine, cells: list[Cell], options: CertifyOptions) -> list[CertifyResult]:
+def probe_engine(engine: ContainerEngine, cells: list[Cell], option: str) -> GpuPlan:
+    """Plan the GPU request once per run: read `docker info`, then ask the engine's host through a container."""
+    paths = gpu_paths(engine.info())
+    probe: DriverProbe | None = None
+    if option != "none":
+        image_id = next((i for c in cells if (i := find_tested_image(engine, c.tag, current_hash(engine, c)))), None)
+        if image_id is not None:  # nothing built: nothing will run, so nothing to plan for
+            probe = engine.gpu_probe(image_id, GpuRequest(count=-1, cdi=paths == {"cdi"}))
+    plan = plan_gpus(option, paths, probe, engine.address)
+    log.info("GPUs: %s%s", "requested" if plan.requested else "none requested",
+             f" ({plan.note or plan.error})" if plan.note or plan.error else
+             f" ({plan.probe.summary})" if plan.probe else "")
+    return plan
+
+
+def certify_cells(engine: ContainerEngine, cells: list[Cell], options: CertifyOptions) -> list[CertifyResult]:
     session = uuid.uuid4().hex
-    runtimes = engine.runtimes()
-    driver = host_driver()
-    if options.gpus != "none" and "nvidia" not in runtimes:
-        log.info("the engine at %s has no NVIDIA runtime: certifying on the CPU", engine.address)
+    plan = probe_engine(engine, cells, options.gpus)
     state = State(options.state_dir)
 
     def work(cell: Cell, stop: threading.Event) -> CertifyResult:
         started = time.monotonic()
         cert: dict[str, Any] | None = None
         try:
-            level, cert, summary = certify_one(engine, cell, options, session, stop, runtimes, driver)
+            level, cert, summary = certify_one(engine, cell, options, session, stop, plan)
         except Interrupted:
             return CertifyResult(cell=cell, level="interrupted", seconds=time.monotonic() - started)
         except BuilderError as exc:
             level, summary = "failed", str(exc)
+        current = summary.startswith("current:")
         path = None
         if cert is not None:
             path = state.certificate_path(cell.tag)
-            state.index_certificate(cell.tag, cert)  # tag -> level, digest, image, beside the certificates
+            if not current:
+                state.index_certificate(cell.tag, cert)  # tag -> level, digest, image, beside the certificates
         return CertifyResult(cell=cell, level=level, seconds=time.monotonic() - started, summary=summary,
-                             certificate=path, gpu_required=options.require_gpu)
+                             certificate=path, gpu_required=options.require_gpu, current=current)
 
     def done(result: CertifyResult) -> None:
         log.info("%s: %s in %.0f s: %s", result.cell.tag, result.level, result.seconds, result.summary)

@@ -165,10 +165,10 @@ def certify_summary(results: list[CertifyResult]) -> str:
 
 def _certify_options(args: argparse.Namespace) -> CertifyOptions:
     gpus = args.gpus
-    if gpus not in ("auto", "all", "none") and not gpus.isdigit():
-        raise UsageError(f"--gpus {gpus}: use auto, all, none or a number of GPUs")
+    if gpus not in ("auto", "all", "none") and not (gpus.isascii() and gpus.isdigit() and 0 < int(gpus) < 1000):
+        raise UsageError(f"--gpus {gpus}: use auto, all, none or a number of GPUs (1 or more)")
     return CertifyOptions(state_dir=Path(args.state), gpus=gpus, require_gpu=args.require_gpu,
-                          timeout=args.timeout, memory=args.memory, jobs=args.jobs)
+                          timeout=args.timeout, memory=args.memory, jobs=args.jobs, force=args.force)
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
@@ -182,8 +182,10 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 
 def _certify_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpus", default="auto", help="auto (when the engine has the NVIDIA runtime), all, "
-                        "none, or a number (default auto)")
+    parser.add_argument("--gpus", default="auto", help="auto (all GPUs, where the engine can hand them out through "
+                        "the NVIDIA runtime, hook or CDI and its host lists one), all, none, or a number; GPUs "
+                        "asked for and not seen fail the image (default auto)")
+    parser.add_argument("--force", action="store_true", help="re-run images whose certificate is current")
     parser.add_argument("--require-gpu", action="store_true", help="fail unless every image is gpu-certified")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one image's run may take (default 900)")
     parser.add_argument("--memory", default="8g", help="memory limit of a run (default 8g)")

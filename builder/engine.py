@@ -16,14 +16,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import docker
 import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest
+from docker.utils import parse_repository_tag
 
 from builder.errors import BuildFailed, EngineError, Interrupted
+from builder.gpu import NO_DEVICE_DRIVER, QUERY, DriverProbe, parse_nvidia_smi
 
 log = logging.getLogger("builder")
 
@@ -55,6 +57,69 @@ class RunResult:
     logs: str
     files: dict[str, bytes]
     seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuRequest:
+    """GPUs for one container: `count` -1 for all; `cdi` names CDI devices where that is the engine's only way."""
+
+    count: int
+    cdi: bool = False
+
+    def device_requests(self) -> list[DeviceRequest]:
+        if self.cdi:
+            ids = ["nvidia.com/gpu=all"] if self.count < 0 else [f"nvidia.com/gpu={i}" for i in range(self.count)]
+            return [DeviceRequest(driver="cdi", device_ids=ids)]
+        return [DeviceRequest(count=self.count, capabilities=[["gpu"]])]
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    """A tar of `files` (path -> bytes) with fixed metadata, so equal files give equal bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in sorted(files):
+            info = tarfile.TarInfo(name.lstrip("/"))
+            info.size = len(files[name])
+            info.mtime = 0
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(files[name]))
+    return buf.getvalue()
+
+
+class ContainerEngine(Protocol):
+    """What build, certify and bases need of an engine: the Docker SDK below, an in-memory fake in unit tests."""
+
+    address: str
+
+    def image(self, ref: str) -> ImageInfo | None: ...
+
+    def images_with_label(self, key: str, value: str | None = None, all_images: bool = False) -> list[ImageInfo]: ...
+
+    def pull(self, ref: str) -> None: ...
+
+    def import_rootfs(self, stream: Any, ref: str) -> str: ...
+
+    def stamp(self, image_id: str, ref: str, labels: dict[str, str]) -> str: ...
+
+    def tag(self, image_id: str, ref: str) -> None: ...
+
+    def prune_dangling(self, label: str) -> int: ...
+
+    def build(self, files: dict[str, bytes], *, tag: str, labels: dict[str, str], on_line: Callable[[str], None],
+              stop: threading.Event, nocache: bool = False) -> str: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def gpu_probe(self, image_id: str, request: GpuRequest) -> DriverProbe | None: ...
+
+    def run(self, image_id: str, command: list[str], *, labels: dict[str, str], timeout: float, mem_limit: str,
+            gpus: GpuRequest | None = None, env: dict[str, str] | None = None,
+            inject: dict[str, bytes] | None = None, fetch: str | None = None,
+            stop: threading.Event | None = None) -> RunResult: ...
+
+    def read_file(self, image_id: str, path: str) -> bytes | None: ...
+
+    def remove_containers(self, label: str = MANAGED, since: float | None = None, running: bool = True) -> int: ...
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -149,9 +214,9 @@ class Engine:
         return iter(self.api.get_image(image_id, chunk_size=1 << 20))
 
     def pull(self, ref: str) -> None:
-        repo, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "latest")
+        """Pull `ref` whole (the SDK splits name, tag and @digest itself); stream errors raise too."""
         try:
-            for event in self.api.pull(repo, tag=tag, stream=True, decode=True):
+            for event in self.api.pull(ref, stream=True, decode=True):
                 if "error" in event:
                     raise EngineError(str(event["error"]))
         except docker.errors.APIError as exc:
@@ -159,7 +224,9 @@ class Engine:
 
     @_translated
     def import_rootfs(self, stream: Any, ref: str) -> str:
-        repo, _, tag = ref.rpartition(":")
+        repo, tag = parse_repository_tag(ref)
+        if tag and tag.startswith("sha256:"):
+            raise EngineError(f"cannot import a root filesystem as {ref}: a digest names registry content")
         changes = ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 'CMD ["bash"]']
         result = self.api.import_image_from_stream(stream, repository=repo, tag=tag, changes=changes)
         info = self.image(ref)
@@ -167,12 +234,13 @@ class Engine:
             raise EngineError(f"importing {ref} failed: {str(result)[-300:]}")
         return info.id
 
+    @_translated
     def stamp(self, image_id: str, ref: str, labels: dict[str, str]) -> str:
         """Commit a thin layer on `image_id` that adds `labels`, and point `ref` at it."""
-        repo, _, tag = ref.rpartition(":")
+        repo, tag = parse_repository_tag(ref)
         changes = [f'LABEL {k}="{v}"' for k, v in labels.items()]
         cid = self.api.create_container(image_id, command=["true"], labels={MANAGED: "true"})["Id"]
-        try:  # an API error becomes an EngineError through @_translated
+        try:
             result = self.api.commit(cid, repository=repo, tag=tag, changes=changes)
         finally:
             self.api.remove_container(cid, force=True)
@@ -180,7 +248,7 @@ class Engine:
 
     @_translated
     def tag(self, image_id: str, ref: str) -> None:
-        repo, _, tag = ref.rpartition(":")
+        repo, tag = parse_repository_tag(ref)
         self.api.tag(image_id, repo, tag, force=True)
 
     def prune_dangling(self, label: str) -> int:
@@ -225,15 +293,7 @@ class Engine:
 
         Raises BuildFailed on an {"error": ...} event, Interrupted if `stop` is set meanwhile.
         """
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for name in sorted(files):
-                info = tarfile.TarInfo(name)
-                info.size = len(files[name])
-                info.mtime = 0
-                info.mode = 0o644
-                tar.addfile(info, io.BytesIO(files[name]))
-        buf.seek(0)
+        buf = io.BytesIO(_tar(files))
         image_id = None
         stream = self.api.build(
             fileobj=buf, custom_context=True, tag=tag, labels=labels, rm=True, forcerm=True, pull=False,
@@ -268,8 +328,27 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ run
     @_translated
-    def runtimes(self) -> set[str]:
-        return set((self.api.info().get("Runtimes") or {}).keys())
+    def info(self) -> dict[str, Any]:
+        return dict(self.api.info())
+
+    def gpu_probe(self, image_id: str, request: GpuRequest) -> DriverProbe | None:
+        """Ask the engine's own host for its driver and GPUs: nvidia-smi in a container given `request`.
+
+        None when the engine cannot serve a GPU request at all (no runtime, hook or CDI). The NVIDIA
+        hook puts nvidia-smi into the container, so this sees the engine's host even when the engine
+        is remote; a hook without a driver or GPU gives a probe with an error.
+        """
+        command = ["sh", "-c", " ".join(QUERY)]
+        try:
+            done = self.run(image_id, command, labels={}, timeout=60, mem_limit="256m", gpus=request,
+                            env={"NVIDIA_DRIVER_CAPABILITIES": "utility"})
+        except EngineError as exc:
+            if NO_DEVICE_DRIVER in str(exc):
+                return None
+            raise
+        out = done.logs
+        return parse_nvidia_smi(done.exit_code if done.exit_code is not None else -1, out, "",
+                                f"nvidia-smi in a container on {self.address}")
 
     @_translated
     def run(
@@ -280,21 +359,27 @@ class Engine:
         labels: dict[str, str],
         timeout: float,
         mem_limit: str,
-        gpus: int | None = None,
+        gpus: GpuRequest | None = None,
+        env: dict[str, str] | None = None,
+        inject: dict[str, bytes] | None = None,
         fetch: str | None = None,
         stop: threading.Event | None = None,
     ) -> RunResult:
         """Run `command` in a fresh container of `image_id`; return its logs and the file `fetch`.
 
-        gpus: None for none, -1 for all, N for N. The container is removed whatever happens.
+        `inject` (path -> bytes) is copied into the container before it starts. Without `gpus`,
+        NVIDIA_VISIBLE_DEVICES=void: images set `all`, and a host whose default runtime is nvidia
+        would otherwise hand them every GPU. The container is removed whatever happens.
         """
-        device_requests = [DeviceRequest(count=gpus, capabilities=[["gpu"]])] if gpus else None
         host_config = self.api.create_host_config(
-            mem_limit=mem_limit, device_requests=device_requests, network_mode="none", shm_size="1g"
+            mem_limit=mem_limit, device_requests=gpus.device_requests() if gpus else None, network_mode="none",
+            shm_size="1g",
         )
+        environment = {**({} if gpus else {"NVIDIA_VISIBLE_DEVICES": "void"}), **(env or {})}
         try:
             container = self.api.create_container(
                 image_id, command=command, labels={MANAGED: "true", **labels}, host_config=host_config,
+                environment=environment,
             )
         except docker.errors.APIError as exc:
             raise EngineError(f"cannot create a container of {image_id[:19]}: {exc.explanation}") from None
@@ -302,6 +387,8 @@ class Engine:
         started = time.monotonic()
         exit_code: int | None = None
         try:
+            if inject:
+                self.api.put_archive(cid, "/", _tar(inject))
             try:
                 self.api.start(cid)
             except docker.errors.APIError as exc:
@@ -371,3 +458,69 @@ class Engine:
             except docker.errors.NotFound:
                 pass
         return removed
+
+    # ------------------------------------------------------------------------------------- registry
+    # Pushing and pulling images. What a registry holds is read by builder.registry over HTTP; the engine
+    # moves the image bytes, with credentials the SDK reads from the Docker config (never passed here).
+    def push(self, ref: str, on_line: Callable[[str], None] | None = None) -> str:
+        """Push `ref` (registry/repo:tag); return the manifest digest the registry answered with.
+
+        The engine reports push failures inside the stream and the SDK does not raise them: every
+        {"error": ...} event becomes a RegistryError (classified: retryable or not), as do API errors.
+        """
+        from builder.registry import classify
+
+        registry = ref.split("/", 1)[0]
+        repo, _, tag = ref.rpartition(":")
+        digest = None
+        try:
+            for event in self.api.push(repo, tag=tag, stream=True, decode=True):
+                if "error" in event or "errorDetail" in event:
+                    detail = event.get("error") or (event.get("errorDetail") or {}).get("message") or str(event)
+                    raise classify(str(detail), registry, f"the push of {ref}")
+                aux = event.get("aux")
+                if isinstance(aux, dict) and aux.get("Digest"):
+                    digest = str(aux["Digest"])
+                if on_line is not None and event.get("status"):
+                    on_line(" ".join(str(event.get(k, "")) for k in ("id", "status")).strip())
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            detail = getattr(exc, "explanation", None) or str(exc)
+            raise classify(str(detail), registry, f"the push of {ref}") from None
+        if digest is None:
+            raise classify("the engine reported no digest", registry, f"the push of {ref}")
+        return digest
+
+    def pull_digest(self, ref: str) -> ImageInfo:
+        """Pull `registry/repo@sha256:...` and return the image; failures become one-line RegistryErrors."""
+        from builder.registry import classify
+
+        registry = ref.split("/", 1)[0]
+        name, _, digest = ref.partition("@")
+        try:
+            for event in self.api.pull(name, tag=digest, stream=True, decode=True):
+                if "error" in event or "errorDetail" in event:
+                    detail = event.get("error") or (event.get("errorDetail") or {}).get("message") or str(event)
+                    raise classify(str(detail), registry, f"the pull of {ref}")
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            detail = getattr(exc, "explanation", None) or str(exc)
+            raise classify(str(detail), registry, f"the pull of {ref}") from None
+        info = self.image(ref)
+        if info is None:
+            raise EngineError(f"the engine at {self.address} pulled {ref} but cannot find it")
+        return info
+
+    def repo_digests(self, ref: str) -> tuple[str, ...]:
+        """The `repo@sha256:...` names the engine knows for an image (set by a push or a pull)."""
+        try:
+            attrs = self.api.inspect_image(ref)  # type: ignore[no-untyped-call]
+        except docker.errors.ImageNotFound:
+            return ()
+        return tuple(attrs.get("RepoDigests") or ())
+
+    @_translated
+    def untag(self, ref: str) -> None:
+        """Remove the name `ref` only; the image stays while another name or a child holds it."""
+        try:
+            self.api.remove_image(ref, noprune=True)
+        except docker.errors.ImageNotFound:
+            return  # already gone: nothing to undo

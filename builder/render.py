@@ -1,4 +1,4 @@
-"""Render a cell into a build context (Dockerfile, requirements, claims, smoke payload) and hash it.
+"""Render a cell into a build context (Dockerfile, requirements, claims) and hash it.
 
 The content hash is computed here and nowhere else: from every rendered file and the base reference.
 Build-time sources (sources/) are not part of it: they change where an image is built, not what it is.
@@ -75,20 +75,22 @@ def dockerfile(cell: Cell) -> str:
     return text
 
 
-def content_hash(files: dict[str, bytes], base_image: str) -> str:
+def content_hash(files: dict[str, bytes], base: str) -> str:
     digest = hashlib.sha256()
-    digest.update(b"base\0" + base_image.encode() + b"\0")
+    digest.update(b"base\0" + base.encode() + b"\0")
     for rel in sorted(files):
         digest.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).hexdigest().encode() + b"\0")
     return digest.hexdigest()
 
 
-def render(cell: Cell) -> BuildContext:
+def render(cell: Cell, base_id: str | None = None) -> BuildContext:
+    """The cell's build context. Its hash covers the base: the image id the engine holds (`base_id`) when
+    building, so a base that moved under the same tag is not up to date; the reference when no engine
+    is involved (`render`, lint). The smoke payload is not in the context: certify brings it.
+    """
     files: dict[str, bytes] = {
         "Dockerfile": dockerfile(cell).encode(),
         "requirements.txt": ("\n".join(cell.requirements) + "\n").encode(),
         "cell.json": (json.dumps(cell.claims(), indent=2, sort_keys=True) + "\n").encode(),
     }
-    for path in [SMOKE / "payload.py"]:
-        files[f"smoke/{path.name}"] = path.read_bytes()
-    return BuildContext(cell=cell, files=files, content_hash=content_hash(files, cell.base.image))
+    return BuildContext(cell=cell, files=files, content_hash=content_hash(files, base_id or cell.base.image))

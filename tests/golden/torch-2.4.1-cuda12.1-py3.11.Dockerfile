@@ -47,8 +47,7 @@ COPY --from=builder /opt/venv /opt/venv
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH}
 
-# --- The smoke payload and what the cell claims, for `builder certify`.
-COPY smoke/ /opt/builder/smoke/
+# --- What the cell claims, for `builder certify` (which brings its current smoke payload at run time).
 COPY cell.json /opt/builder/cell.json
 LABEL org.opencontainers.image.title="torch" \
       org.opencontainers.image.version="2.4.1" \
@@ -64,5 +63,5 @@ LABEL org.opencontainers.image.title="torch" \
       org.builder.driver.min="525"
 USER 10001:10001
 WORKDIR /home/app
-CMD ["python", "/opt/builder/smoke/payload.py", "--claims", "/opt/builder/cell.json"]
+CMD ["python"]
 
