@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from builder import __version__, facts
+from builder import __version__, doctor, facts
 from builder.bases import ensure_base
 from builder.build import BuildOptions, BuildResult, build_cells
 from builder.certify import CertifyOptions, CertifyResult, certify_cells
@@ -209,6 +209,10 @@ def cmd_base(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    return doctor.main(select_cells(args), state_dir=Path(args.state), registry=args.registry, fmt=args.format)
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     cells = select_cells(args)
     engine = Engine.connect()
@@ -283,6 +287,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAME", help="base names from the matrix (default: all used)")
     _selectors(p)
     p.set_defaults(func=cmd_base)
+
+    p = sub.add_parser("doctor", help="can this host run the selected images on its GPUs, and if not, why not")
+    _selectors(p)
+    _state_option(p)
+    p.add_argument("--registry", help="also look for certified images there, through `resolve`")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("clean", help="remove the selected cells' images and any leftover builder containers")
     _selectors(p)
