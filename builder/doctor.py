@@ -41,6 +41,7 @@ class EngineFacts:
     paths: tuple[str, ...] = ()  # runtime, hook, cdi
     probe: DriverProbe | None = None  # the engine host's driver, seen from a container
     probe_note: str | None = None  # why there is no probe
+    refused: bool = False  # a GPU request was refused: no runtime, hook or CDI device
 
     @property
     def local(self) -> bool:
@@ -105,7 +106,8 @@ def engine_facts(engine: ContainerEngine | None, error: str | None, address: str
     except BuilderError as exc:
         return replace(facts, probe_note=f"the GPU probe failed: {exc}")
     if probe is None:
-        return replace(facts, probe_note="the engine refused a GPU request: no NVIDIA runtime, hook or CDI device")
+        return replace(facts, refused=True,
+                       probe_note="the engine refused a GPU request: no NVIDIA runtime, hook or CDI device")
     # A GPU request served with no runtime or CDI: the NVIDIA hook is on dockerd's PATH.
     return replace(facts, probe=probe, paths=facts.paths or ("hook",))
 
@@ -190,6 +192,9 @@ def verdict(cell: Cell, engine: EngineFacts, driver: DriverProbe | None, local_l
         return Verdict(**base, gpu="no", why=f"no engine: {engine.error}")
     if cell.cuda is None:
         return Verdict(**base, gpu="cpu cell", why="runs on the CPU wherever the engine runs")
+    if driver is None and engine.refused:
+        return Verdict(**base, gpu="no", why=f"the engine at {engine.address} cannot hand out GPUs (no NVIDIA "
+                       "runtime, hook or CDI device); its host's driver is unknown")
     if driver is None:
         return Verdict(**base, gpu="unknown", why=f"the engine at {engine.address} is not this machine and "
                        f"could not be probed ({engine.probe_note or 'no probe'}): its driver is unknown")
