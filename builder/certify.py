@@ -34,22 +34,13 @@ from builder.matrix.model import Cell
 from builder.pool import run_pool
 from builder.render import SMOKE, render
 from builder.state import LEVELS, State
+from builder.verdict import decide, summarize
 
 log = logging.getLogger("builder")
 
 CERT_SCHEMA = 2
 PAYLOAD_DIR = "/opt/builder/smoke"
 RESULT_PATH = "/tmp/builder-smoke/result.json"
-# What gpu-certified means: each of these passed in a run that was given GPUs ...
-REQUIRED_GPU_CHECKS = ("gpu.visible", "gpu.cudnn_conv", "gpu.matches_cpu", "gpu.train_mixed_precision",
-                       "gpu.matmul", "gpu.no_cpu_fallback")
-# ... and, with two or more GPUs, the collective too.
-MULTI_GPU_CHECKS = ("gpu.all_reduce",)
-# Lines a framework logs when it was given GPUs and could not use them: kept as the cause of the failure.
-GPU_REFUSALS = ("Skipping registering GPU devices", "Cannot dlopen some GPU libraries", "CUDA driver version is "
-                "insufficient", "cuInit", "Found no NVIDIA driver", "no CUDA-capable device")
-
-
 @dataclass(frozen=True, kw_only=True)
 class CertifyOptions:
     state_dir: Path
@@ -60,6 +51,7 @@ class CertifyOptions:
     jobs: int = 1
     force: bool = False  # re-run even where the certificate is current
     lock_dir: Path = Path(tempfile.gettempdir())  # where the per-engine GPU lock lives
+    image: str | None = None  # certify this image as it is (a pulled one: `pull --recertify`), not the cell's build
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,15 +67,6 @@ class GpuPlan:
     @property
     def requested(self) -> bool:
         return self.request is not None
-
-
-@dataclass(frozen=True, kw_only=True)
-class Outcome:
-    """What one certification decided, before it is written down."""
-
-    level: str
-    reasons: list[str]
-    gpu_note: str | None
 
 
 def driver_shortfall(cell: Cell, driver: str | None) -> tuple[bool, str | None]:
@@ -133,46 +116,6 @@ def plan_gpus(option: str, paths: set[str], probe: DriverProbe | None, address: 
                        note=f"the engine at {address} can hand out GPUs ({', '.join(sorted(ways))}) but its host "
                             f"shows none ({why}): CPU only")
     return GpuPlan(request=GpuRequest(count=-1, cdi=cdi), probe=probe, paths=ways)
-
-
-def _check(checks: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
-    return next((c for c in checks if c.get("name") == name), None)
-
-
-def decide(result: dict[str, Any] | None, exit_code: int | None, *, requested: bool, require_gpu: bool,
-           logs: str = "") -> Outcome:
-    """The level an image earns from its payload's result.
-
-    gpu-certified needs every check in REQUIRED_GPU_CHECKS to pass (and the collective with two or
-    more GPUs) in a run that was given GPUs. A run given GPUs that does not get there fails, naming
-    the cause: cpu-verified is only for runs where no GPU was asked for.
-    """
-    if result is None:
-        why = "the payload timed out" if exit_code is None else f"the payload wrote no result (exit {exit_code})"
-        return Outcome(level="failed", reasons=[why], gpu_note=None)
-    checks = [c for c in result.get("checks") or [] if isinstance(c, dict)]
-    failed = [f"{c.get('name')}: {c.get('detail')}" for c in checks if c.get("status") == "fail"]
-    if exit_code not in (0, None) and not failed:
-        failed.append(f"the payload exited with {exit_code}")
-    if exit_code is None:
-        failed.append("the payload timed out")
-    if requested:
-        gpus = (result.get("inventory") or {}).get("gpus") or []
-        needed = REQUIRED_GPU_CHECKS + (MULTI_GPU_CHECKS if len(gpus) >= 2 else ())
-        for name in needed:
-            check = _check(checks, name)
-            if check is None:
-                failed.append(f"{name}: GPUs were requested but this check never ran")
-            elif check.get("status") == "skip":
-                failed.append(f"{name}: GPUs were requested but it was skipped ({check.get('detail')})")
-        refusals = sorted({line.strip()[-200:] for line in logs.splitlines() if any(r in line for r in GPU_REFUSALS)})
-        if failed and refusals:
-            failed.append("the framework said: " + " | ".join(refusals[:3]))
-    level = "failed" if failed else "gpu-certified" if requested else "cpu-verified"
-    note = None
-    if require_gpu and level == "cpu-verified":
-        note = "--require-gpu: no GPU was given to the container"
-    return Outcome(level=level, reasons=failed, gpu_note=note)
 
 
 def digest(certificate: dict[str, Any]) -> str:
@@ -246,18 +189,6 @@ def staleness(cert: dict[str, Any] | None, image_id: str, stamped: str | None, p
     return None
 
 
-def summarize(checks: list[dict[str, Any]]) -> str:
-    """`9 passed, 1 skipped (no GPU)`: counts by status, with the reasons for skips."""
-    counts = {s: sum(c.get("status") == s for c in checks) for s in ("pass", "fail", "skip")}
-    text = f"{counts['pass']} passed"
-    if counts["fail"]:
-        text += f", {counts['fail']} failed"
-    if counts["skip"]:
-        why = sorted({str(c.get("detail", "")).split(":")[0][:40] for c in checks if c.get("status") == "skip"})
-        text += f", {counts['skip']} skipped ({'; '.join(why)})"
-    return text
-
-
 @contextmanager
 def gpu_lease(lock_dir: Path, address: str, plan: GpuPlan) -> Iterator[None]:
     """Hold the engine's GPUs for one run: concurrent certify runs (threads or processes) never share them.
@@ -285,10 +216,15 @@ def certify_one(engine: ContainerEngine, cell: Cell, options: CertifyOptions, se
                 stop: threading.Event, plan: GpuPlan) -> tuple[str, dict[str, Any] | None, str]:
     """Certify one cell; returns (level, certificate or None, one-line summary)."""
     state = State(options.state_dir)
-    content_hash = current_hash(engine, cell)
-    image_id = find_tested_image(engine, cell.tag, content_hash)
+    if options.image is not None:  # a pulled image has no parent and may come from another base: take it as it is
+        pulled = engine.image(options.image)
+        image_id, content_hash = (pulled.id, pulled.labels.get(HASH, "")) if pulled else (None, "")
+    else:
+        content_hash = current_hash(engine, cell)
+        image_id = find_tested_image(engine, cell.tag, content_hash)
     if image_id is None:
-        return "not built", None, "no image from the current matrix, templates and base: run `python -m builder build`"
+        return "not built", None, ("no image from the current matrix, templates and base: "
+                                    "run `python -m builder build` first")
     if plan.error:
         return "failed", None, plan.error
     files = payload_files()

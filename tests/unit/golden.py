@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from builder.matrix import Cell, Selection, expand, load_matrix
@@ -9,6 +10,7 @@ from builder.render import dockerfile
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
+PROOF_CELLS = ROOT / "docs" / "gpu-proof-cells.json"
 # name -> the tag glob that picks exactly one cell
 CELLS = {
     "torch-2.4.1-cuda12.1-py3.11": "builder/torch:2.4.1-cuda12.1-*-py3.11-runtime-debian12",
@@ -26,11 +28,19 @@ def cell(name: str) -> Cell:
     return cells[0]
 
 
+def proof_cells() -> str:
+    """The claims of every torch cell, for docs/gpu-proof.sh on a GPU host where builder's dependencies are missing."""
+    cells, _ = expand(load_matrix(ROOT / "matrix.yaml"), Selection(framework="torch"))
+    return json.dumps([c.claims() for c in cells if c.cuda], indent=1, sort_keys=True) + "\n"
+
+
 def main() -> None:
     for name in CELLS:
         path = GOLDEN / f"{name}.Dockerfile"
         path.write_text(dockerfile(cell(name)))
         print(path)
+    PROOF_CELLS.write_text(proof_cells())
+    print(PROOF_CELLS)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 
-from builder.certify import decide, digest, driver_shortfall, plan_gpus, staleness
+from builder.certify import digest, driver_shortfall, plan_gpus, staleness
 from builder.gpu import DriverProbe, gpu_paths, parse_nvidia_smi, parse_proc_version, probe_local
+from builder.verdict import decide
 
 from .golden import cell
 

@@ -16,8 +16,6 @@ from builder import certify as certify_mod
 from builder.bases import ensure_base
 from builder.build import BuildOptions, build_cells
 from builder.certify import (
-    MULTI_GPU_CHECKS,
-    REQUIRED_GPU_CHECKS,
     CertifyOptions,
     certify_cells,
     current_hash,
@@ -29,6 +27,7 @@ from builder.gpu import DriverProbe
 from builder.render import render
 from builder.sources import Sources
 from builder.state import State
+from builder.verdict import MULTI_GPU_CHECKS, REQUIRED_GPU_CHECKS
 
 from .fakes import FakeEngine, Payload
 from .golden import cell
