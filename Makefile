@@ -15,8 +15,10 @@ install: ## make .venv with builder and its dev tools
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 
-test: ## all tests: unit, then integration against the Docker engine (needs one running)
-	$(PY) -m pytest -v tests/unit tests/integration
+test: ## all tests: unit (80% coverage of build, certify, bases required), then integration (needs an engine)
+	$(PY) -m coverage run -m pytest -v tests/unit
+	$(PY) -m coverage report --include='builder/build.py,builder/certify.py,builder/bases.py' --fail-under=80
+	$(PY) -m pytest -v tests/integration
 
 test-unit: ## the tests that need no engine
 	$(PY) -m pytest -q tests/unit

@@ -7,7 +7,8 @@ import tarfile
 
 import pytest
 
-from builder.engine import CERT_DIGEST, HASH, LEVEL, MANAGED, SESSION, TAG
+from builder.engine import CERT_DIGEST, HASH, LEVEL, MANAGED, SESSION, TAG, GpuRequest
+from builder.gpu import gpu_paths
 from builder.matrix import Selection, expand, load_matrix
 from builder.render import render
 
@@ -41,11 +42,14 @@ def test_torch_certificate_proves_cuda_and_cudnn(engine, work, torch_built):
     assert managed_containers(engine) == []
 
 
-def test_certifying_again_does_not_stack_layers(engine, work, torch_built):
+def test_certifying_again_is_current_and_forcing_does_not_stack_layers(engine, work, torch_built):
     work.cli("certify", *TORCH, check=True)
     first = engine.image(TORCH_TAG)
-    work.cli("certify", *TORCH, check=True)
+    again = work.cli("certify", *TORCH, check=True)
+    assert "current:" in again.stdout and engine.image(TORCH_TAG).id == first.id  # nothing ran, nothing stamped
+    work.cli("certify", *TORCH, "--force", check=True)
     second = engine.image(TORCH_TAG)
+    assert second.id != first.id
     assert work.certificate(TORCH_TAG)["image"]["id"] == torch_built["image_id"]
     assert len(engine.history(second.id)) == len(engine.history(first.id))
 
@@ -101,19 +105,19 @@ def test_image_lying_about_its_cudnn_fails_with_the_reason(engine, work, tmp_pat
     assert managed_containers(engine) == []
 
 
-def test_gpus_all_without_nvidia_runtime_is_a_clear_failure(engine, work, torch_built):
-    if "nvidia" in engine.runtimes():
-        pytest.skip("this engine has the NVIDIA runtime")
+def test_gpus_all_on_an_engine_that_cannot_serve_them_is_a_clear_failure(engine, work, torch_built):
+    if engine.gpu_probe(torch_built["image_id"], GpuRequest(count=-1)) is not None:
+        pytest.skip("this engine serves GPU requests (runtime, hook or CDI): test_gpu_request covers it")
     proc = work.cli("certify", *TORCH, "--gpus", "all")
     assert proc.returncode == 1
-    assert "has no NVIDIA runtime" in proc.stdout + proc.stderr
+    assert "cannot hand out GPUs (no NVIDIA runtime, hook or CDI device)" in proc.stdout + proc.stderr
     assert managed_containers(engine) == []
 
 
 def test_require_gpu_fails_without_a_gpu(engine, work, torch_built):
-    if "nvidia" in engine.runtimes():
-        pytest.skip("this engine has the NVIDIA runtime")
-    proc = work.cli("certify", *TORCH, "--require-gpu")
+    if gpu_paths(engine.info()):
+        pytest.skip("this engine has an NVIDIA runtime or CDI devices")
+    proc = work.cli("certify", *TORCH, "--require-gpu", "--force")
     assert proc.returncode == 1
     assert "--require-gpu" in proc.stdout
 
