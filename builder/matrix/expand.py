@@ -10,6 +10,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+from builder import tags
 from builder.errors import MatrixError
 from builder.matrix import schema
 from builder.matrix.model import Base, Bootstrap, Cell, Matrix, Selection, dotted
@@ -36,6 +37,7 @@ class Rejection:
     combo: Combo
     violation: Violation
     where: str  # the group or include that produced it
+    tags: tuple[str, ...] = ()  # the tags it would have had, one per candidate base: what --only globs match
 
     def __str__(self) -> str:
         return f"{self.combo}: {self.violation}"
@@ -83,8 +85,23 @@ def _python_source(matrix: Matrix, base: str, python: str) -> str | None:
     return None
 
 
-def _base_fits(matrix: Matrix, name: str, combo: Combo, build: schema.BuildLine) -> tuple[bool, str] | None:
-    """Why base `name` cannot serve this combination, or None if it can.
+def _python_fact(matrix: Matrix, base: str, python: str) -> tuple[Any, ...]:
+    """Where to add `python` to `base`: the source that has that Python (its bases), or one that serves
+    that base (its Pythons), else the python_sources section, else the base's own Python."""
+    sources = matrix.spec.python_sources
+    for name, src in sources.items():
+        if python in src.python:
+            return ("python_sources", name, "bases")
+    for name, src in sources.items():
+        if base in src.bases:
+            return ("python_sources", name, "python")
+    return ("python_sources",) if sources else ("bases", base, "python")
+
+
+def _base_fits(
+    matrix: Matrix, name: str, combo: Combo, build: schema.BuildLine
+) -> tuple[bool, str, tuple[Any, ...] | None] | None:
+    """Why base `name` cannot serve this combination, and where that fact is written; None if it can.
 
     The flag is True when the base is merely the wrong kind (plain OS vs nvidia/cuda): such reasons
     are left out of a message when another candidate came closer.
@@ -94,19 +111,22 @@ def _base_fits(matrix: Matrix, name: str, combo: Combo, build: schema.BuildLine)
     if combo.flavor == "devel" or build.cuda_source == "system":
         if nv is None:
             need = "devel" if combo.flavor == "devel" else "system CUDA"
-            return True, f"{name} is no nvidia/cuda image (a {need} cell needs one)"
+            return True, f"{name} is no nvidia/cuda image (a {need} cell needs one)", None
         if nv.flavor != combo.flavor:
-            return True, f"{name} is a {nv.flavor} image, the cell is {combo.flavor}"
+            return True, f"{name} is a {nv.flavor} image, the cell is {combo.flavor}", None
         if nv.os not in matrix.spec.cuda[combo.cuda].image.os:
-            return False, f"nvidia/cuda publishes no {nv.os} image for CUDA {combo.cuda}"
+            return False, f"nvidia/cuda publishes no {nv.os} image for CUDA {combo.cuda}", \
+                ("cuda", combo.cuda, "image", "os")
         if build.cuda_source == "system" and build.cudnn:
             shipped = CUDNN_TOKEN_MAJOR.get(matrix.spec.cuda[combo.cuda].image.cudnn) if nv.cudnn else None
             if shipped != build.cudnn.split(".")[0]:
-                return False, f"{name} ships cuDNN {shipped or 'none'}, the framework needs cuDNN {build.cudnn}"
+                return False, f"{name} ships cuDNN {shipped or 'none'}, the framework needs cuDNN {build.cudnn}", \
+                    ("bases", name, "nvidia_cuda")
     elif nv is not None:
-        return True, f"{name} is an nvidia/cuda image; wheel-CUDA runtime cells use a plain OS base"
+        return True, f"{name} is an nvidia/cuda image; wheel-CUDA runtime cells use a plain OS base", None
     if _python_source(matrix, name, combo.python) is None:
-        return False, f"{name} ships Python {spec.python} and no python_sources entry adds {combo.python}"
+        return False, f"{name} ships Python {spec.python} and no python_sources entry adds {combo.python}", \
+            _python_fact(matrix, name, combo.python)
     return None
 
 
@@ -130,7 +150,7 @@ def _resolve(matrix: Matrix, gi: int, combo: Combo) -> Cell | Violation:
                          matrix.where(("images", gi)))
     group = spec.images[gi]
     candidates = [combo.base] if combo.base else group.bases
-    reasons: dict[str, tuple[bool, str]] = {}
+    reasons: dict[str, tuple[bool, str, tuple[Any, ...] | None]] = {}
     fits = []
     for name in candidates:
         why = _base_fits(matrix, name, combo, build)
@@ -142,9 +162,11 @@ def _resolve(matrix: Matrix, gi: int, combo: Combo) -> Cell | Violation:
     fits.sort(key=lambda name: _python_source(matrix, name, combo.python) != "system")
     chosen = fits[0] if fits else None
     if chosen is None:
-        close = [text for wrong_kind, text in reasons.values() if not wrong_kind]
-        close = close or [text for _, text in reasons.values()]
-        return Violation("base", "no base fits: " + "; ".join(close), matrix.where(("images", gi, "bases")))
+        close = [(text, fact) for wrong_kind, text, fact in reasons.values() if not wrong_kind]
+        close = close or [(text, fact) for _, text, fact in reasons.values()]
+        # The fact at fault: where the closest reason is written, else the group's list of bases.
+        fact = next((f for _, f in close if f is not None), None) or ("images", gi, "bases")
+        return Violation("base", "no base fits: " + "; ".join(t for t, _ in close), matrix.where(fact))
     cuda = None if combo.cuda == "cpu" else combo.cuda
     release = spec.cuda[cuda] if cuda else None
     source = _python_source(matrix, chosen, combo.python)
@@ -188,47 +210,112 @@ def _requirements(
     return tuple(reqs + list(build.pins))
 
 
-def _group_combos(matrix: Matrix, gi: int) -> list[tuple[Combo, tuple[Any, ...]]]:
+# The most combinations the whole matrix may ask for (the default matrix makes about 200): more means a
+# mistake, and expanding it would only take time.
+MAX_COMBINATIONS = 20_000
+
+
+def _group_combos(matrix: Matrix, gi: int, errors: list[str]) -> list[tuple[Combo, tuple[Any, ...]]]:
     """The group's combinations, each with the path in the file that asked for it."""
     group = matrix.spec.images[gi]
     fw = matrix.spec.frameworks[group.framework]
+    gpath = ("images", gi)
     out: list[tuple[Combo, tuple[Any, ...]]] = []
+    for i, ex in enumerate(group.exclude):
+        if ex == schema.Combo():
+            errors.append(f"{matrix.where((*gpath, 'exclude', i))}: {dotted((*gpath, 'exclude', i))}: an empty "
+                          "exclude matches every combination; name its version, cuda, python, flavor or base")
     if group.axes:
         ax = group.axes
+        made = 0
         for version in ax.version or list(fw.versions):
             fv = fw.versions[version]
             for cuda, python, flavor in itertools.product(ax.cuda or list(fv.builds), ax.python or fv.python,
                                                           ax.flavor):
+                made += 1
                 combo = Combo(framework=group.framework, version=version, cuda=cuda, python=python, flavor=flavor)
                 if not any(_matches(ex, combo) for ex in group.exclude):
-                    out.append((combo, ("images", gi, "axes")))
+                    out.append((combo, (*gpath, "axes")))
+        if made and not out and group.exclude:
+            errors.append(f"{matrix.where((*gpath, 'exclude'))}: {dotted((*gpath, 'exclude'))}: removes every one "
+                          f"of the {made} combinations the axes make; the group asks for nothing")
     for i, inc in enumerate(group.include):
         assert inc.version and inc.cuda and inc.python  # check_references() refused incomplete includes
+        if inc in group.include[:i]:
+            first = group.include.index(inc)
+            errors.append(f"{matrix.where((*gpath, 'include', i))}: {dotted((*gpath, 'include', i))}: the same "
+                          f"combination as include[{first}]")
+            continue
         combo = Combo(framework=group.framework, version=inc.version, cuda=inc.cuda, python=inc.python,
                       flavor=inc.flavor or "runtime", base=inc.base)
-        out.append((combo, ("images", gi, "include", i)))
+        out.append((combo, (*gpath, "include", i)))
     return out
+
+
+def _count(matrix: Matrix, gi: int) -> int:
+    """How many combinations group `gi` makes, before any is made."""
+    group = matrix.spec.images[gi]
+    fw = matrix.spec.frameworks[group.framework]
+    total = len(group.include)
+    if group.axes:
+        ax = group.axes
+        for version in ax.version or list(fw.versions):
+            fv = fw.versions[version]
+            total += len(ax.cuda or fv.builds) * len(ax.python or fv.python) * len(ax.flavor)
+    return total
+
+
+def _candidate_tags(matrix: Matrix, gi: int, combo: Combo) -> tuple[str, ...]:
+    """The tags a dropped combination would have had, one per base it could have been built on."""
+    spec = matrix.spec
+    build = spec.frameworks[combo.framework].versions[combo.version].builds.get(combo.cuda)
+    cudnn = build.cudnn if build else None
+    cuda = None if combo.cuda == "cpu" else combo.cuda
+    bases = [combo.base] if combo.base else spec.images[gi].bases
+    return tuple(
+        f"{tags.cell_repository(spec.repository, combo.framework)}:"
+        + tags.cell_tag(version=combo.version, cuda=cuda, cudnn=cudnn, python=combo.python, flavor=combo.flavor,
+                        base=base)
+        for base in bases
+    )
 
 
 def expand(matrix: Matrix, selection: Selection | None = None) -> tuple[list[Cell], list[Rejection]]:
     """All cells the matrix asks for (filtered by `selection`), and the combinations that were dropped.
 
-    Raises MatrixError for combinations asked for explicitly that a rule rejects.
+    Raises MatrixError for combinations asked for explicitly that a rule rejects, for groups that ask
+    for nothing or repeat another, and for a matrix that asks for more than MAX_COMBINATIONS.
     """
     cells: dict[str, Cell] = {}
     dropped: list[Rejection] = []
     errors: list[str] = []
-    for gi in range(len(matrix.spec.images)):
-        combos = _group_combos(matrix, gi)
+    images = matrix.spec.images
+    total = 0
+    for gi in range(len(images)):
+        total += _count(matrix, gi)
+        if total > MAX_COMBINATIONS:
+            path = ("images", gi)
+            raise MatrixError([f"{matrix.where(path)}: {dotted(path)}: the matrix asks for more than "
+                               f"{MAX_COMBINATIONS} combinations by here; split it or narrow the axes"])
+    for gi in range(len(images)):
+        if images[gi] in images[:gi]:
+            path = ("images", gi)
+            errors.append(f"{matrix.where(path)}: {dotted(path)}: the same group as images[{images.index(images[gi])}]")
+            continue
+        combos = _group_combos(matrix, gi, errors)
         group_cells: list[Cell] = []
         group_drops: list[tuple[Rejection, tuple[Any, ...]]] = []
         for combo, path in combos:
             result = _resolve(matrix, gi, combo)
             where = matrix.where(path)
             if isinstance(result, Cell):
+                problem = tags.tag_problem(result.image_tag)
+                if problem:
+                    errors.append(f"{where}: {dotted(path)}: {combo}: {problem}")
+                    continue
                 group_cells.append(result)
                 continue
-            rejection = Rejection(combo=combo, violation=result, where=where)
+            rejection = Rejection(combo=combo, violation=result, where=where, tags=_candidate_tags(matrix, gi, combo))
             if "include" in path:
                 errors.append(f"{where}: {dotted(path)}: impossible combination {rejection}")
             else:
@@ -244,6 +331,6 @@ def expand(matrix: Matrix, selection: Selection | None = None) -> tuple[list[Cel
     if selection is not None:
         dropped = [r for r in dropped if selection.matches_fields(
             framework=r.combo.framework, version=r.combo.version, cuda=r.combo.cuda, python=r.combo.python,
-            flavor=r.combo.flavor, tag=None)]
+            flavor=r.combo.flavor, tag=None, tags=r.tags)]
     chosen = [c for c in cells.values() if selection is None or selection.matches(c)]
     return chosen, dropped

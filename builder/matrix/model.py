@@ -87,32 +87,59 @@ class Cell:
         return data
 
 
+Wanted = str | tuple[str, ...] | None
+
+
+def _wanted(value: str, wanted: Wanted) -> bool:
+    if wanted is None:
+        return True
+    return value == wanted if isinstance(wanted, str) else value in wanted
+
+
 @dataclass(frozen=True, kw_only=True)
 class Selection:
-    """The selectors every command takes; all given ones must match (globs in `only` are OR'ed)."""
+    """The selectors every command takes. Every selector given must match; the values given for one
+    selector (a tuple: `--python 3.10 --python 3.11`) are OR'ed, like the globs in `only`.
 
-    cuda: str | None = None
-    python: str | None = None
-    framework: str | None = None
+    `framework` values are names or NAME==VERSION; `framework_version`, when given, applies to all of them.
+    """
+
+    cuda: Wanted = None
+    python: Wanted = None
+    framework: Wanted = None
     framework_version: str | None = None
-    flavor: str | None = None
+    flavor: Wanted = None
     only: tuple[str, ...] = ()
 
     def matches(self, cell: Cell) -> bool:
         return self.matches_fields(framework=cell.framework, version=cell.version, cuda=cell.cuda or "cpu",
                                    python=cell.python, flavor=cell.flavor, tag=cell.tag)
 
+    def frameworks(self) -> tuple[tuple[str, str | None], ...]:
+        """The framework selectors as (name, version or None)."""
+        specs = (self.framework,) if isinstance(self.framework, str) else self.framework or ()
+        out = []
+        for spec in specs:
+            name, _, version = spec.partition("==")
+            out.append((name, version or None))
+        return tuple(out)
+
     def matches_fields(
-        self, *, framework: str, version: str, cuda: str, python: str, flavor: str, tag: str | None
+        self, *, framework: str, version: str, cuda: str, python: str, flavor: str, tag: str | None,
+        tags: tuple[str, ...] = (),
     ) -> bool:
-        """Match by fields; a combination that never became a cell has no tag, and `only` lets it pass."""
+        """Match by fields. A combination that never became a cell has no tag: `only` matches the tags it
+        would have had (`tags`), and lets it pass when none are known."""
+        candidates = (tag,) if tag is not None else tags
+        fws = self.frameworks()
         checks = [
-            self.cuda is None or cuda == self.cuda,
-            self.python is None or python == self.python,
-            self.framework is None or framework == self.framework,
+            _wanted(cuda, self.cuda),
+            _wanted(python, self.python),
+            not fws or any(framework == n and (v is None or version == v) for n, v in fws),
             self.framework_version is None or version == self.framework_version,
-            self.flavor is None or flavor == self.flavor,
-            not self.only or tag is None or any(fnmatch.fnmatchcase(tag, g) for g in self.only),
+            _wanted(flavor, self.flavor),
+            not self.only or not candidates
+            or any(fnmatch.fnmatchcase(t, g) for t in candidates for g in self.only),
         ]
         return all(checks)
 
@@ -134,15 +161,29 @@ class Matrix:
         return self.path
 
 
-def dotted(path: tuple[Any, ...]) -> str:
-    """A key path as the user wrote it: images[0].include[1].python."""
+def printable(text: str, limit: int | None = 80) -> str:
+    """`text` safe for one line of a terminal: control, escape and line-breaking characters are written
+    as escapes (\\n, \\x1b, \\u2028), and text longer than `limit` is cut, saying how long it was."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    if limit is not None and len(out) > limit:
+        return f"{out[:limit]}...({len(text)} characters)"
+    return out
+
+
+def dotted(path: tuple[Any, ...], written: dict[tuple[Any, ...], str] | None = None) -> str:
+    """A key path as the user wrote it: images[0].include[1].python.
+
+    `written` maps a key's path to its text as written in the file, for keys that are not strings
+    (`true`, `12.50`); every key is escaped and cut short, like a value.
+    """
     out = ""
-    for part in path:
+    for i, part in enumerate(path):
         if part == "[key]":
             continue
-        if isinstance(part, int):
+        as_written = written.get(tuple(path[: i + 1])) if written else None
+        if isinstance(part, int) and as_written is None:
             out += f"[{part}]"
         else:
-            text = str(part)
+            text = printable(as_written if as_written is not None else str(part), 60)
             out += ("." if out else "") + (text if "." not in text else f'"{text}"')
     return out or "(top)"

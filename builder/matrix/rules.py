@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
-from builder.matrix.model import Matrix, dotted
+from builder import tags
+from builder.matrix.model import Matrix, dotted, printable
 
 # cuDNN majors and the CUDA majors NVIDIA ships them for (cuDNN support matrix, docs.nvidia.com/deeplearning/cudnn).
 CUDNN_CUDA_MAJORS = {"7": {"10", "11"}, "8": {"10", "11", "12"}, "9": {"11", "12", "13"}}
@@ -37,6 +38,14 @@ def _major(version: str) -> str:
     return version.split(".")[0]
 
 
+def _version(text: str) -> Version | None:
+    """`text` as a Version, or None where it is none (the schema's patterns should already have refused it)."""
+    try:
+        return Version(text)
+    except (InvalidVersion, ValueError):
+        return None
+
+
 def check_references(matrix: Matrix) -> list[str]:
     """Every name that points elsewhere must exist, and the facts must agree with each other."""
     spec = matrix.spec
@@ -44,6 +53,19 @@ def check_references(matrix: Matrix) -> list[str]:
 
     def bad(path: tuple[Any, ...], msg: str) -> None:
         problems.append(f"{matrix.where(path)}: {dotted(path)}: {msg}")
+
+    # Names the registry will accept: the longest repository a framework gets, and every base image.
+    longest = max(spec.frameworks, key=len, default="tensorflow")
+    problem = tags.repository_problem(tags.cell_repository(spec.repository, longest))
+    if problem:
+        bad(("repository",), f"{problem} (with /{longest} added, as its images are named)")
+    for name, base in spec.bases.items():
+        if base.image:
+            reference = base.image.split("@", 1)[0]
+            repo, _, tag = reference.rpartition(":") if ":" in reference.rsplit("/", 1)[-1] else (reference, "", "")
+            problem = tags.repository_problem(repo) or (tags.tag_problem(tag) if tag else None)
+            if problem:
+                bad(("bases", name, "image"), problem)
 
     for name, base in spec.bases.items():
         if base.nvidia_cuda is not None and not base.image:
@@ -64,10 +86,16 @@ def check_references(matrix: Matrix) -> list[str]:
                 f"but this release says cuDNN {cuda.cudnn}")
         if _major(cuda.cudnn) not in CUDNN_CUDA_MAJORS or _major(line) not in CUDNN_CUDA_MAJORS[_major(cuda.cudnn)]:
             bad((*path, "cudnn"), f"rule cudnn-cuda: cuDNN {_major(cuda.cudnn)} has no build for CUDA {_major(line)}")
-        if Version(cuda.driver.floor) > Version(cuda.driver.ga):
+        have_floor, have_ga = _version(cuda.driver.floor), _version(cuda.driver.ga)
+        for key, value in (("floor", have_floor), ("ga", have_ga)):
+            if value is None:
+                bad((*path, "driver", key), f"{printable(getattr(cuda.driver, key))} is not a driver version")
+        if have_floor is None or have_ga is None:
+            continue
+        if have_floor > have_ga:
             bad((*path, "driver", "floor"), f"floor {cuda.driver.floor} is above the GA driver {cuda.driver.ga}")
         floor = DRIVER_FLOOR.get(_major(line))
-        if floor and Version(cuda.driver.floor) < Version(floor):
+        if floor and have_floor < Version(floor):
             bad((*path, "driver", "floor"), f"CUDA {_major(line)}.x needs a driver >= {floor} "
                 "(minor-version compatibility)")
     for fw_name, fw in spec.frameworks.items():

@@ -9,23 +9,28 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator, model_validator
 
-# Each pattern has a human name, used in error messages (load.PATTERN_NAMES).
-MAJOR_MINOR = r"^\d+\.\d+$"
-VERSION = r"^\d+(\.\d+){0,3}$"
+# Each pattern has a human name, used in error messages (load.PATTERN_NAMES). Digits are ASCII [0-9], never
+# \d (which also matches the Arabic-Indic and full-width digits), and a number has at most 9 of them, so every
+# version stays a version that packaging.Version and int() can read.
+N = "[0-9]{1,9}"
+MAJOR_MINOR = rf"^{N}\.{N}$"
+VERSION = rf"^{N}(\.{N}){{0,3}}$"
 NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 IMAGE_REF = (
-    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*"
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)*"
     r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$"
 )
-REPOSITORY = r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*$"
-URL = r"^https?://[A-Za-z0-9.-]+(:\d+)?(/[A-Za-z0-9._~%+/-]*)?$"
-SUITE = r"^[a-z]+$"
-OS_TAG = r"^(ubuntu|ubi|rockylinux|debian)\d+(\.\d+)?$"
-CUDNN_TOKEN = r"^(cudnn\d*)?$"
-CUDA_LINE = r"^(\d+\.\d+|cpu)$"
-REQUIREMENT = r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[a-z0-9,_-]+\])?==\d+(\.\d+){0,3}(\.post\d+)?$"
+REPOSITORY = r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)*$"
+URL = r"^https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(/[A-Za-z0-9._~%+/-]{0,2000})?$"
+SUITE = r"^[a-z]{1,32}$"
+OS_TAG = rf"^(ubuntu|ubi|rockylinux|debian){N}(\.{N})?$"
+CUDNN_TOKEN = r"^(cudnn[0-9]{0,3})?$"
+CUDA_LINE = rf"^({N}\.{N}|cpu)$"
+REQUIREMENT = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,99}}(\[[a-z0-9,_-]{{1,99}}\])?=={N}(\.{N}){{0,3}}(\.post{N})?$"
+# One line of printable text: no control characters (ANSI escapes), and no Unicode line or paragraph breaks.
+NOTE = r"^[^\x00-\x1f\x7f\x{85}\x{2028}\x{2029}]*$"
 
 MajorMinor = Annotated[str, StringConstraints(pattern=MAJOR_MINOR)]
 Version = Annotated[str, StringConstraints(pattern=VERSION)]
@@ -38,7 +43,7 @@ OsTag = Annotated[str, StringConstraints(pattern=OS_TAG)]
 CudnnToken = Annotated[str, StringConstraints(pattern=CUDNN_TOKEN)]
 CudaLine = Annotated[str, StringConstraints(pattern=CUDA_LINE)]
 Requirement = Annotated[str, StringConstraints(pattern=REQUIREMENT)]
-Note = Annotated[str, StringConstraints(max_length=300, pattern=r"^[^\n\r]*$")]
+Note = Annotated[str, StringConstraints(max_length=300, pattern=NOTE)]
 
 Flavor = Literal["runtime", "devel"]
 FrameworkName = Literal["torch", "tensorflow"]
@@ -159,12 +164,40 @@ class ImageGroup(Strict):
         return self
 
 
+class AliasWhere(Strict):
+    """Which cells an alias chooses among (all given must match)."""
+
+    cuda: CudaLine | None = None
+    python: MajorMinor | None = None
+    flavor: Flavor | None = None
+    base: Name | None = None
+
+
+class Alias(Strict):
+    """A tag that moves to the newest `framework` version among the matching cells, once per distinct value
+    of its placeholders: `latest-cuda{cuda}` is the newest torch for each CUDA line (builder.matrix.aliases)."""
+
+    tag: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    framework: FrameworkName
+    where: AliasWhere = AliasWhere()
+
+
 class MatrixFile(Strict):
-    schema_: Literal[1] = Field(alias="schema")
+    schema_: StrictInt = Field(alias="schema")
     repository: Repository = "builder"
+    registry: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None  # host[:port][/ns]
+    aliases: list[Alias] = []
     indexes: dict[Name, Url] = {}
     bases: dict[Name, BaseSpec] = Field(min_length=1)
     python_sources: dict[Name, PythonSource] = {}
     cuda: dict[MajorMinor, CudaSpec] = Field(min_length=1)
     frameworks: dict[FrameworkName, FrameworkSpec] = Field(min_length=1)
     images: list[ImageGroup] = Field(min_length=1)
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema_one(cls, value: int) -> int:
+        # StrictInt, not Literal[1]: a Literal lets `true` and `1.0` through as equal to 1.
+        if value != 1:
+            raise ValueError("Input should be 1")
+        return value

@@ -35,7 +35,7 @@ CASES = [
     ("unquoted-int", edit('    python: "3.9"\n  cuda-devel', "    python: 3\n  cuda-devel"),
      'm.yaml:12: bases.debian11.python: must be a string: write it quoted: "3"'),
     ("unquoted-key-float", edit('  "12.5":\n    cudnn: "9.3"', '  12.50:\n    cudnn: "9.3"'),
-     'm.yaml:21: cuda."12.5": YAML reads the unquoted 12.50 as the number 12.5; write it quoted: "12.50"'),
+     'm.yaml:21: cuda."12.50": YAML reads the unquoted 12.50 as the number 12.5; write it quoted: "12.50"'),
     ("wrong-type-list", edit("    bases: [debian12]\n", "    bases: debian12\n"),
      "m.yaml:60: images[2].bases: Input should be a valid list"),
     ("missing-key", edit("    package: torch\n", ""),
@@ -89,7 +89,7 @@ CASES = [
     ("explicit-python-no-base", edit('- {version: "2.18.0", cuda: "12.5", python: "3.11"}',
                                      '- {version: "2.18.0", cuda: "12.5", python: "3.12"}'),
      "m.yaml:62: images[2].include[0]: impossible combination tensorflow==2.18.0 cuda12.5 py3.12 runtime: no base "
-     "fits: debian12 ships Python 3.11 and no python_sources entry adds 3.12 [rule base; fact at m.yaml:60]"),
+     "fits: debian12 ships Python 3.11 and no python_sources entry adds 3.12 [rule base; fact at m.yaml:8]"),
     ("group-yields-nothing", edit("      python: [\"3.9\", \"3.11\", \"3.12\"]\n", "      python: [\"3.13\"]\n"),
      "m.yaml:51: images[0].axes: impossible combination torch==2.1.2 cuda12.1 py3.13 runtime"),
     ("empty-file", "", "m.yaml:1: the matrix is empty"),
