@@ -188,6 +188,7 @@ def _resolve(matrix: Matrix, gi: int, combo: Combo) -> Cell | Violation:
         python_source=source,
         cuda_source="none" if cuda is None else build.cuda_source,
         index=spec.indexes[build.index] if build.index != "pypi" else None,
+        index_name=build.index if build.index != "pypi" else None,
         requirements=_requirements(fw, combo, build, fv),
         driver_ga=release.driver.ga if release else None,
         driver_floor=release.driver.floor if release else None,

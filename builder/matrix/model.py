@@ -47,12 +47,13 @@ class Cell:
     base: Base
     python_source: str  # "system" or the name of a python_sources entry
     cuda_source: str  # "wheels", "system" or "none"
-    index: str | None  # primary package index URL; None means the configured default (PyPI)
+    index: str | None  # primary package index URL; None means the configured default (PyPI). Never claimed.
     requirements: tuple[str, ...]
     driver_ga: str | None
     driver_floor: str | None
     unverified: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    index_name: str | None = None  # the matrix's name for `index` (e.g. pytorch-cu118); None: the default
 
     @property
     def cuda_label(self) -> str:
@@ -81,9 +82,16 @@ class Cell:
         return (self.framework, self.version, self.cuda or "cpu", self.python, self.flavor, self.base.name)
 
     def claims(self) -> dict[str, Any]:
-        """What the cell claims, as recorded in cell.json and checked inside the image."""
+        """What the cell claims, as recorded in cell.json and checked inside the image.
+
+        cell.json is copied into the image, so no URL is claimed: an index or mirror URL may carry a token in
+        its path. The index is named as the matrix names it, the base's bootstrap by its suite only.
+        """
         data = asdict(self)
         data["tag"] = self.tag
+        data["index"] = data.pop("index_name") or "default"
+        if data["base"]["bootstrap"]:
+            data["base"]["bootstrap"] = {"suite": self.base.bootstrap.suite if self.base.bootstrap else None}
         return data
 
 

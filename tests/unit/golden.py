@@ -17,7 +17,8 @@ CELLS = {
     "torch-2.4.1-cpu-py3.11": "builder/torch:2.4.1-cpu-py3.11-runtime-debian12",
     "torch-2.4.1-cuda12.1-py3.12-devel-deadsnakes": "builder/torch:2.4.1-cuda12.1-*-py3.12-devel-*",
     "tensorflow-2.18.0-cuda12.5-py3.11": "builder/tensorflow:2.18.0-cuda12.5-*-py3.11-runtime-debian12",
-    "tensorflow-2.15.0-system-cuda": "builder/tensorflow:2.15.0-cuda12.2-*",
+    "tensorflow-2.15.0-system-cuda": "builder/tensorflow:2.15.0-cuda12.2-*-py3.10-*",
+    "tensorflow-2.15.0-system-cuda-py3.11-deadsnakes": "builder/tensorflow:2.15.0-cuda12.2-*-py3.11-*",
     "tensorflow-2.18.0-cpu-py3.11": "builder/tensorflow:2.18.0-cpu-py3.11-*",
 }
 

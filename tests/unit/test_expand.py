@@ -104,3 +104,39 @@ def test_tensorflow_cells_install_its_cuda_extra_and_pins(default):
     assert tf215.cuda_source == "system" and tf215.base.image == "nvidia/cuda:12.2.2-cudnn8-runtime-ubuntu22.04"
     cpu = next(c for c in cells if c.framework == "tensorflow" and c.cuda is None)
     assert cpu.requirements == ("tensorflow-cpu==2.18.0",)
+
+
+def test_tensorflow_215_is_served_on_every_python_it_supports(default):
+    cells, _ = default
+    tf215 = {c.python: c for c in cells if c.framework == "tensorflow" and c.version == "2.15.0" and c.cuda}
+    assert set(tf215) == {"3.9", "3.10", "3.11"}
+    assert tf215["3.10"].python_source == "system"
+    assert tf215["3.9"].python_source == tf215["3.11"].python_source == "deadsnakes"
+    assert all(c.base.name == "cuda-runtime-ubuntu22.04" for c in tf215.values())
+
+
+def test_a_missing_python_source_points_at_python_sources(tmp_path):
+    text = (ROOT / "matrix.yaml").read_text()
+    text = text.replace("bases: [ubuntu22.04, cuda-devel-ubuntu22.04, cuda-runtime-ubuntu22.04]",
+                        "bases: [ubuntu22.04, cuda-devel-ubuntu22.04]")
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    _, dropped = expand(load_matrix(path), Selection(framework="tensorflow", framework_version="2.15.0"))
+    (rejection,) = [r for r in dropped if r.combo.python == "3.9" and r.combo.cuda == "12.2"]
+    line = text.splitlines().index("    bases: [ubuntu22.04, cuda-devel-ubuntu22.04]") + 1
+    assert rejection.violation.rule == "base"
+    assert rejection.violation.where == f"{path}:{line}", rejection
+    assert "no python_sources entry adds 3.9" in str(rejection)
+
+
+def test_only_filters_the_dropped_combinations_too():
+    sel = Selection(only=("*tensorflow:2.16.1-*",))
+    _, dropped = expand(load_matrix(ROOT / "matrix.yaml"), sel)
+    assert dropped and all(r.combo.framework == "tensorflow" and r.combo.version == "2.16.1" for r in dropped)
+
+
+def test_repeated_selectors_are_ored():
+    chosen, _ = expand(load_matrix(ROOT / "matrix.yaml"), Selection(python=("3.10", "3.12"), framework=(
+        "torch==2.4.1", "tensorflow==2.18.0")))
+    assert chosen and {c.python for c in chosen} == {"3.10", "3.12"}
+    assert {(c.framework, c.version) for c in chosen} == {("torch", "2.4.1"), ("tensorflow", "2.18.0")}

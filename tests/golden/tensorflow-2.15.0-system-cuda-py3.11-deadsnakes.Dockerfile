@@ -1,0 +1,70 @@
+# builder/tensorflow:2.15.0-cuda12.2-cudnn8.9-py3.11-runtime-cuda-runtime-ubuntu22.04
+# Classic-builder syntax only: the Docker SDK cannot drive BuildKit.
+# --- OS base: shared by the builder and final stages, so both reuse the same cached layers.
+FROM nvidia/cuda:12.2.2-cudnn8-runtime-ubuntu22.04 AS os
+LABEL org.builder.managed="true"
+ENV DEBIAN_FRONTEND=noninteractive \
+    LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# --- Python 3.11 (deadsnakes), before any CUDA or framework layer.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
+ && add-apt-repository -y ppa:deadsnakes/ppa \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+ && apt-get purge -y --auto-remove software-properties-common gpg-agent \
+ && rm -rf /var/lib/apt/lists/*
+
+# --- Builder stage: the only stage that sees build-time package sources (CA bundle, indexes, wheelhouse).
+FROM os AS builder
+COPY sources/ /opt/builder-sources/
+COPY requirements.txt /opt/builder-sources/requirements.txt
+RUN python3.11 -m venv /opt/venv \
+ && PIP_CONFIG_FILE=/opt/builder-sources/pip.conf /opt/venv/bin/pip install --no-cache-dir --no-compile \
+      -r /opt/builder-sources/requirements.txt \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock \
+ && mkdir -p /opt/builder-export/opt/cuda-libs \
+ && if [ -d /opt/venv/lib/python3.11/site-packages/nvidia ]; then \
+      mv /opt/venv/lib/python3.11/site-packages/nvidia /opt/builder-export/opt/cuda-libs/nvidia \
+      && ln -s /opt/cuda-libs/nvidia /opt/venv/lib/python3.11/site-packages/nvidia; \
+    fi \
+ && find /opt/builder-export -exec touch -h -d @0 {} +
+
+# --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
+FROM os
+# --- A non-root user with a numeric UID, so runtimes that refuse root (runAsNonRoot) accept the image.
+RUN useradd --uid 10001 --user-group --create-home --shell /bin/bash app
+
+# --- CUDA 12.2 from the nvidia/cuda base image.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=12.2 driver>=525"
+
+# The framework's pip CUDA libraries get a layer of their own, before the framework's. Copied into /
+# with every path and timestamp fixed, its bytes depend only on the nvidia-* pins: cells that share
+# the pins share the layer, whatever their base, Python or framework.
+COPY --from=builder /opt/builder-export/ /
+COPY --from=builder /opt/venv /opt/venv
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH}
+
+# --- What the cell claims, for `builder certify` (which brings its current smoke payload at run time).
+COPY cell.json /opt/builder/cell.json
+LABEL org.opencontainers.image.title="tensorflow" \
+      org.opencontainers.image.version="2.15.0" \
+      org.opencontainers.image.base.name="nvidia/cuda:12.2.2-cudnn8-runtime-ubuntu22.04" \
+      org.opencontainers.image.description="tensorflow 2.15.0, cuda12.2, Python 3.11, runtime" \
+      org.builder.tag="builder/tensorflow:2.15.0-cuda12.2-cudnn8.9-py3.11-runtime-cuda-runtime-ubuntu22.04" \
+      org.builder.framework="tensorflow" \
+      org.builder.framework.version="2.15.0" \
+      org.builder.cuda="12.2" \
+      org.builder.cudnn="8.9.4.25" \
+      org.builder.python="3.11" \
+      org.builder.flavor="runtime" \
+      org.builder.driver.min="525"
+USER 10001:10001
+WORKDIR /home/app
+CMD ["python"]
+
