@@ -26,7 +26,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from builder import __version__
+from builder import __version__, sbom
 from builder.engine import CERT_DIGEST, HASH, LEVEL, SESSION, ContainerEngine, GpuRequest
 from builder.errors import BuilderError, Interrupted
 from builder.gpu import DriverProbe, gpu_paths
@@ -243,11 +243,13 @@ def certify_one(engine: ContainerEngine, cell: Cell, options: CertifyOptions, se
         return "failed", None, f"GPUs were requested, but {driver_note}"
     mode = "require" if request is not None else "off"
     command = ["python", f"{PAYLOAD_DIR}/payload.py", "--claims", "/opt/builder/cell.json", "--out", RESULT_PATH,
-               "--gpu", mode]
+               "--promises", "--gpu", mode]
+    image_user = info.user if (info := engine.image(image_id)) is not None else ""  # promise.non_root checks it
     started = datetime.now(timezone.utc)
     with gpu_lease(options.lock_dir, engine.address, plan):
         run = engine.run(image_id, command, labels={SESSION: session}, timeout=options.timeout,
-                         mem_limit=options.memory, gpus=request, inject=files, fetch=RESULT_PATH, stop=stop)
+                         mem_limit=options.memory, gpus=request, inject=files, fetch=RESULT_PATH, stop=stop,
+                         env={"BUILDER_IMAGE_USER": image_user})
     log_path = state.log_path(cell.tag, "certify")
     log_path.write_text(run.logs, encoding="utf-8")
     raw = next(iter(run.files.values()), None)
@@ -278,6 +280,8 @@ def certify_one(engine: ContainerEngine, cell: Cell, options: CertifyOptions, se
         "inventory": inventory,
         "run": {"exit_code": run.exit_code, "seconds": round(run.seconds, 1), "log": str(log_path)},
     }
+    certificate["sbom"] = sbom.write(lambda p: engine.read_file(image_id, p), cell, image_id, started,
+                                     state.certificate_path(cell.tag))  # beside the certificate, its sha256 here
     certificate["digest"] = digest(certificate)
     path = state.write_certificate(cell.tag, certificate)
     engine.stamp(image_id, cell.tag, {LEVEL: outcome.level, CERT_DIGEST: certificate["digest"]})
