@@ -16,15 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from builder import __version__, doctor, facts
+from builder import __version__, doctor, facts, publish, tags
 from builder.bases import ensure_base
 from builder.build import BuildOptions, BuildResult, build_cells
 from builder.certify import CertifyOptions, CertifyResult, certify_cells
 from builder.engine import MANAGED, TAG, Engine
-from builder.errors import BaseImageError, BuilderError, SourceError, UsageError
+from builder.errors import BaseImageError, BuilderError, NotCertified, RegistryError, SourceError, UsageError
 from builder.matrix import Cell, Selection, expand, load_matrix
 from builder.render import render
 from builder.sources import Sources
+from builder.state import State
 
 log = logging.getLogger("builder")
 
@@ -242,6 +243,74 @@ def cmd_facts(args: argparse.Namespace) -> int:
     return 1 if differs else 0
 
 
+def _registry(args: argparse.Namespace) -> str:
+    """--registry, else `registry:` in the matrix, else $BUILDER_REGISTRY; one line if none or a bad one."""
+    matrix = load_matrix(args.matrix)
+    try:
+        chosen = tags.choose_registry(args.registry, getattr(matrix.spec, "registry", None),
+                                      os.environ.get(tags.REGISTRY_ENV))
+    except tags.InvalidName as exc:
+        raise UsageError(str(exc)) from None
+    if chosen is None:
+        raise UsageError(f"no registry: give --registry HOST[:PORT][/NAMESPACE], `registry:` in {args.matrix}, "
+                         f"or ${tags.REGISTRY_ENV}")
+    return chosen[0]
+
+
+def _publish_exit(results: list[Any], refused: str = "refused") -> int:
+    """0 when all went well; 8 when the worst was a refusal (not certified), 7 for a registry failure."""
+    codes = {r.status for r in results if not r.ok}
+    for r in results:
+        if not r.ok:
+            print(f"error: {r.detail}", file=sys.stderr)
+    if not codes:
+        return 0
+    return NotCertified.exit_code if codes == {refused} else RegistryError.exit_code
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    cells = select_cells(args)
+    registry = _registry(args)
+    engine = Engine.connect()
+    aliases = publish.aliases_for(load_matrix(args.matrix), cells)
+    results = publish.push_cells(engine, cells, State(Path(args.state)), registry, require=args.require,
+                                 allow_uncertified=args.allow_uncertified, aliases=aliases)
+    print(table([{"cell": r.cell.tag, "result": r.status, "time": f"{r.seconds:.1f} s",
+                  "reference": r.reference or "-"} for r in results]))
+    return _publish_exit(results)
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    cells = select_cells(args)
+    found = publish.resolve_cells(cells, _registry(args), args.require)
+    text = publish.format_resolved(found, args.format)
+    if text:
+        print(text)
+    for r in found:
+        if not r.ok:
+            print(f"error: {r.cell.tag}: {r.problem}", file=sys.stderr)
+    return 0 if all(r.ok for r in found) else 1
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    cells = select_cells(args)
+    registry = _registry(args)
+    engine = Engine.connect()
+    options = CertifyOptions(state_dir=Path(args.state), gpus=args.gpus, timeout=args.timeout, memory=args.memory)
+    results = publish.pull_cells(engine, cells, State(Path(args.state)), registry, require=args.require,
+                                 recertify=args.recertify, certify_options=options)
+    print(table([{"cell": r.cell.tag, "result": r.status, "time": f"{r.seconds:.0f} s",
+                  "reference": r.reference or "-"} for r in results]))
+    return _publish_exit(results, refused="")
+
+
+def _publish_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", help="HOST[:PORT][/NAMESPACE] (default: `registry:` in the matrix, else "
+                        f"${tags.REGISTRY_ENV}); credentials come only from `docker login`")
+    parser.add_argument("--require", choices=["cpu-verified", "gpu-certified"], default="cpu-verified",
+                        help="the lowest certification level accepted (default cpu-verified)")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m builder", description=__doc__)
     top.add_argument("--matrix", default=os.environ.get("BUILDER_MATRIX", "matrix.yaml"),
@@ -294,6 +363,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", help="also look for certified images there, through `resolve`")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("push", help="push certified images, their tags and their certificates to a registry")
+    _selectors(p)
+    _state_option(p)
+    _publish_flags(p)
+    p.add_argument("--allow-uncertified", action="store_true",
+                   help="push even what is not certified at the required level (said so, and not recorded)")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("resolve", help="print the registry's pinned references (repo@sha256:...) of certified images")
+    _selectors(p)
+    _publish_flags(p)
+    p.add_argument("--format", choices=["text", "json", "env"], default="text",
+                   help="one reference a line, JSON, or KEY=VALUE lines for a CI environment")
+    p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser("pull", help="pull certified images by digest and check them against their certificates")
+    _selectors(p)
+    _state_option(p)
+    _publish_flags(p)
+    p.add_argument("--recertify", action="store_true",
+                   help="also run the smoke test on the pulled image and compare with its certificate")
+    p.add_argument("--gpus", default="auto", help="GPUs for --recertify (as for certify; default auto)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds the --recertify run may take (default 900)")
+    p.add_argument("--memory", default="8g", help="memory limit of the --recertify run (default 8g)")
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("clean", help="remove the selected cells' images and any leftover builder containers")
     _selectors(p)

@@ -67,3 +67,22 @@ class Interrupted(BuilderError):
     """Ctrl-C or SIGTERM: work in flight was stopped and cleaned up; finished work was kept."""
 
     exit_code = 130
+
+
+class RegistryError(BuilderError):
+    """A registry could not be reached, refused a request, or holds something that does not match.
+
+    `retryable` marks a transient failure (a connection reset, a 5xx answer) that a retry may cure.
+    """
+
+    exit_code = 7
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class NotCertified(BuilderError):
+    """An image asked to be published or used has no certificate that matches it at the required level."""
+
+    exit_code = 8

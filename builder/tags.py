@@ -124,3 +124,80 @@ def file_name(reference: str) -> str:
         return safe
     digest = hashlib.sha256(reference.encode()).hexdigest()[:16]
     return f"{safe[:MAX_FILE_NAME - 17]}-{digest}"
+
+
+# ---------------------------------------------------------------------------------- registry (issue 8)
+REGISTRY_ENV = "BUILDER_REGISTRY"
+
+
+def registry_problem(value: str) -> str | None:
+    """Why `value` is not `HOST[:PORT][/NAMESPACE...]` (e.g. `127.0.0.1:5000/team`), or None."""
+    host, _, namespace = value.partition("/")
+    if not host or HOST.fullmatch(host) is None or not (any(c in host for c in ".:") or host == "localhost"):
+        return (f"registry {_shown(value)} must start with a registry host such as registry.example.com, "
+                "localhost:5000 or 127.0.0.1:5000")
+    for part in namespace.split("/") if namespace else ():
+        if COMPONENT.fullmatch(part) is None:
+            return (f"registry {_shown(value)}: namespace component {_shown(part)} is not lower-case letters and "
+                    "digits joined by '.', '_', '__' or '-'")
+    return None
+
+
+def choose_registry(flag: str | None, matrix: str | None, env: str | None) -> tuple[str, str] | None:
+    """(registry, where it came from): --registry, else the matrix's `registry:`, else $BUILDER_REGISTRY."""
+    for value, source in ((flag, "--registry"), (matrix, "matrix.yaml registry:"), (env, f"${REGISTRY_ENV}")):
+        if value:
+            value = value.strip().rstrip("/")
+            problem = registry_problem(value)
+            if problem:
+                raise InvalidName(f"{source}: {problem}")
+            return value, source
+    return None
+
+
+def remote_repository(registry: str, repository: str) -> str:
+    """Where a local repository (`builder/torch`) lives in a registry (`127.0.0.1:5000/team/builder/torch`)."""
+    name = f"{registry}/{repository}"
+    problem = repository_problem(name)
+    if problem:
+        raise InvalidName(problem)
+    return name
+
+
+def immutable_tag(content_hash: str, certificate_digest: str) -> str:
+    """The tag that is never moved: the build's content hash and the certificate's digest.
+
+    A rebuild (new content) or a re-certification (new certificate) gives a new tag, so the tag
+    always names the same image bytes and the same proof.
+    """
+    cert = certificate_digest.split(":", 1)[-1]
+    tag = f"src-{content_hash[:16]}-cert-{cert[:16]}"
+    problem = tag_problem(tag)
+    if problem or len(content_hash) < 16 or len(cert) < 16:
+        raise InvalidName(problem or f"cannot make an immutable tag from {_shown(content_hash)} and "
+                          f"{_shown(certificate_digest)}")
+    return tag
+
+
+ALIAS_FIELDS = ("cuda", "cudnn", "python", "flavor", "base", "version", "minor")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def alias_problem(template: str) -> str | None:
+    """Why an alias template (`latest-cuda{cuda}-py{python}`) cannot give a valid tag, or None."""
+    names = _PLACEHOLDER.findall(template)
+    unknown = [n for n in names if n not in ALIAS_FIELDS]
+    if unknown:
+        return (f"alias {_shown(template)}: unknown placeholder {{{unknown[0]}}} (use "
+                + ", ".join(f"{{{f}}}" for f in ALIAS_FIELDS) + ")")
+    # The longest values each placeholder can take here are short; check with typical ones.
+    sample = alias_tag(template, {"cuda": "cpu", "cudnn": "9.1", "python": "3.11", "flavor": "runtime",
+                                  "base": "debian12", "version": "2.4.1", "minor": "2.4"})
+    if "{" in sample or "}" in sample:
+        return f"alias {_shown(template)}: unbalanced braces"
+    return tag_problem(sample)
+
+
+def alias_tag(template: str, fields: dict[str, str]) -> str:
+    """Fill an alias template with one cell's fields."""
+    return _PLACEHOLDER.sub(lambda m: fields.get(m[1], m[0]), template)

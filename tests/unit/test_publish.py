@@ -1,0 +1,248 @@
+"""Publishing without a registry: tag rules, the retry policy, errors inside the push stream, aliases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from builder import tags
+from builder.engine import Engine
+from builder.errors import MatrixError, RegistryError
+from builder.matrix import expand, load_matrix
+from builder.matrix.aliases import assign
+from builder.publish import compare_certificates, env_key, verify_certificate
+from builder.registry import cert_tag, classify, is_loopback, split_reference, with_retries
+
+REG = "127.0.0.1:5000"
+
+
+# ------------------------------------------------------------------------------------------- tags
+@pytest.mark.parametrize("value", ["127.0.0.1:5000", "localhost:5000/team", "registry.example.com/ml/prod",
+                                   "[::1]:5000", "ghcr.io/org"])
+def test_good_registries(value: str) -> None:
+    assert tags.registry_problem(value) is None
+
+
+@pytest.mark.parametrize("value, words", [
+    ("team", "must start with a registry host"),  # no host: Docker would read it as Docker Hub's namespace
+    ("127.0.0.1:5000/Team", "namespace component 'Team'"),
+    ("registry.example.com/a//b", "namespace component ''"),
+    ("https://registry.example.com", "must start with a registry host"),
+])
+def test_bad_registries(value: str, words: str) -> None:
+    problem = tags.registry_problem(value)
+    assert problem is not None and words in problem
+
+
+def test_registry_comes_from_flag_then_matrix_then_environment() -> None:
+    assert tags.choose_registry("a.io/x", "b.io", "c.io") == ("a.io/x", "--registry")
+    assert tags.choose_registry(None, "b.io/", "c.io") == ("b.io", "matrix.yaml registry:")
+    assert tags.choose_registry("", None, "c.io:5000") == ("c.io:5000", "$BUILDER_REGISTRY")
+    assert tags.choose_registry(None, None, None) is None
+    with pytest.raises(tags.InvalidName, match=r"^\$BUILDER_REGISTRY: registry 'Bad'"):
+        tags.choose_registry(None, None, "Bad")
+
+
+def test_remote_repository_keeps_todays_scheme_under_the_registry() -> None:
+    assert tags.remote_repository("127.0.0.1:5000/team", "builder/torch") == "127.0.0.1:5000/team/builder/torch"
+    with pytest.raises(tags.InvalidName):
+        tags.remote_repository("r.io", "x" * 300)
+
+
+def test_immutable_tag_changes_with_content_and_certificate() -> None:
+    h, c = "ab" * 32, "sha256:" + "cd" * 32
+    tag = tags.immutable_tag(h, c)
+    assert tag == "src-abababababababab-cert-cdcdcdcdcdcdcdcd" and tags.tag_problem(tag) is None
+    assert tags.immutable_tag(h, "sha256:" + "ce" * 32) != tag  # a re-certified image gets a new one
+    assert tags.immutable_tag("ac" * 32, c) != tag
+    with pytest.raises(tags.InvalidName):
+        tags.immutable_tag("short", c)
+
+
+def test_alias_templates() -> None:
+    assert tags.alias_problem("latest-cuda{cuda}-py{python}") is None
+    assert "unknown placeholder {os}" in str(tags.alias_problem("latest-{os}"))
+    assert "may hold only" in str(tags.alias_problem("latest {cuda}"))
+    assert tags.alias_tag("{minor}-cuda{cuda}", {"minor": "2.4", "cuda": "12.1"}) == "2.4-cuda12.1"
+
+
+# --------------------------------------------------------------------------------- retry and errors
+@pytest.mark.parametrize("message, retryable, words", [
+    ('Get "http://127.0.0.1:5999/v2/": dial tcp 127.0.0.1:5999: connect: connection refused', False, "nothing answers"),
+    ("unauthorized: authentication required", False, "requires a login: run `docker login 127.0.0.1:5000`"),
+    ("no basic auth credentials", False, "requires a login"),
+    ("denied: requested access to the resource is denied", False, "denied"),
+    ("unsupported: The operation is unsupported.", False, "refuses writes"),
+    ("status 405 Method Not Allowed: UNSUPPORTED", False, "refuses writes"),
+    ("read tcp 127.0.0.1:4000->127.0.0.1:5000: read: connection reset by peer", True, "failed during"),
+    ("received unexpected HTTP status: 503 Service Unavailable", True, "failed during"),
+    ("status 500 Internal Server Error: unknown", True, "failed during"),
+    ("Patch http://127.0.0.1:5000/v2/x/blobs/uploads/1: EOF", True, "failed during"),
+    ("manifest invalid: manifest invalid", False, "failed during"),
+])
+def test_classify(message: str, retryable: bool, words: str) -> None:
+    err = classify(message, REG, "the push of x")
+    assert err.retryable is retryable
+    assert words in str(err) and "\n" not in str(err)
+
+
+def test_retries_transient_failures_with_backoff_then_succeeds() -> None:
+    waits: list[float] = []
+    calls = iter([RegistryError("reset", True), RegistryError("503", True), "sha256:ok"])
+
+    def call() -> str:
+        got = next(calls)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    assert with_retries(call, sleep=waits.append) == "sha256:ok"
+    assert waits == [1.0, 2.0]
+
+
+def test_does_not_retry_a_client_error() -> None:
+    waits: list[float] = []
+    count = 0
+
+    def call() -> str:
+        nonlocal count
+        count += 1
+        raise RegistryError("denied", False)
+
+    with pytest.raises(RegistryError, match="denied"):
+        with_retries(call, sleep=waits.append)
+    assert count == 1 and waits == []
+
+
+def test_gives_up_after_the_last_attempt() -> None:
+    waits: list[float] = []
+
+    def call() -> str:
+        raise RegistryError("503", True)
+
+    with pytest.raises(RegistryError):
+        with_retries(call, attempts=3, sleep=waits.append)
+    assert waits == [1.0, 2.0]
+
+
+class FakeApi:
+    """Only the push stream: the SDK yields the engine's events and raises nothing for an error in them."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+
+    def push(self, repo: str, tag: str, stream: bool, decode: bool) -> Any:
+        return iter(self.events)
+
+
+def engine_with(events: list[dict[str, Any]]) -> Engine:
+    return Engine(SimpleNamespace(api=FakeApi(events)), "unix:///fake")  # type: ignore[arg-type]
+
+
+def test_push_stream_error_is_detected() -> None:
+    events = [{"status": "The push refers to repository [127.0.0.1:5000/b/tf]"},
+              {"status": "Preparing", "id": "abc"},
+              {"errorDetail": {"message": "unauthorized: authentication required"},
+               "error": "unauthorized: authentication required"}]
+    with pytest.raises(RegistryError, match="requires a login") as err:
+        engine_with(events).push(f"{REG}/b/tf:1")
+    assert not err.value.retryable
+
+
+def test_push_stream_digest() -> None:
+    digest = "sha256:" + "1" * 64
+    events = [{"status": "Layer already exists", "id": "abc"},
+              {"status": f"1: digest: {digest} size: 1234"},
+              {"aux": {"Tag": "1", "Digest": digest, "Size": 1234}}]
+    assert engine_with(events).push(f"{REG}/b/tf:1") == digest
+
+
+def test_push_stream_without_a_digest_is_a_failure() -> None:
+    with pytest.raises(RegistryError, match="no digest"):
+        engine_with([{"status": "Preparing"}]).push(f"{REG}/b/tf:1")
+
+
+# ------------------------------------------------------------------------------------ small helpers
+def test_references_and_cosign_tag() -> None:
+    assert split_reference("127.0.0.1:5000/a/b:1.0") == ("127.0.0.1:5000", "a/b", "1.0")
+    assert split_reference("r.io/a/b@sha256:ff") == ("r.io", "a/b", "sha256:ff")
+    assert cert_tag("sha256:" + "a" * 64) == "sha256-" + "a" * 64 + ".cert"
+    assert tags.tag_problem(cert_tag("sha256:" + "a" * 64)) is None
+    assert is_loopback("127.0.0.1:5000") and is_loopback("localhost") and is_loopback("[::1]:5000")
+    assert not is_loopback("registry.example.com:5000") and not is_loopback("10.0.0.1")
+
+
+def certificate(level: str = "cpu-verified") -> dict[str, Any]:
+    from builder.certify import digest
+
+    cert: dict[str, Any] = {"level": level, "image": {"id": "sha256:i", "content_hash": "h" * 64},
+                            "checks": [{"name": "train.cpu.mlp", "status": "pass"}, {"name": "gpu", "status": "skip"}]}
+    cert["digest"] = digest(cert)
+    return cert
+
+
+def test_verify_certificate_against_labels() -> None:
+    from builder.engine import CERT_DIGEST, HASH, LEVEL, TAG
+
+    cert = certificate()
+    labels = {CERT_DIGEST: cert["digest"], LEVEL: "cpu-verified", HASH: "h" * 64, TAG: "b/tf:1"}
+    assert verify_certificate(cert, labels, "b/tf:1") is None
+    assert "carries certificate" in str(verify_certificate(cert, {**labels, CERT_DIGEST: "sha256:x"}, "b/tf:1"))
+    assert "content hash" in str(verify_certificate(cert, {**labels, HASH: "other"}, "b/tf:1"))
+    tampered = {**cert, "level": "gpu-certified"}
+    assert "own digest" in str(verify_certificate(tampered, labels, "b/tf:1"))
+
+
+def test_compare_certificates() -> None:
+    old, new = certificate(), certificate()
+    assert compare_certificates(old, new) == []
+    new["checks"][0]["status"] = "fail"
+    new["level"] = "failed"
+    assert compare_certificates(old, new) == ["level cpu-verified -> failed", "train.cpu.mlp pass -> fail"]
+
+
+def test_env_key() -> None:
+    cell = SimpleNamespace(tag="builder/tensorflow:2.18.0-cpu-py3.11-runtime-debian12")
+    assert env_key(cell) == "BUILDER_IMAGE_TENSORFLOW_2_18_0_CPU_PY3_11_RUNTIME_DEBIAN12"  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ aliases
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def matrix_with(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "matrix.yaml"
+    path.write_text((ROOT / "matrix.yaml").read_text() + text)
+    return path
+
+
+def test_alias_names_the_newest_cell_per_cuda_line(tmp_path: Path) -> None:
+    path = matrix_with(tmp_path, 'aliases:\n  - tag: "latest-{cuda}"\n    framework: torch\n'
+                       '    where: {python: "3.11", flavor: runtime, base: debian12}\n')
+    matrix = load_matrix(path)
+    cells, _ = expand(matrix)
+    chosen = assign(matrix, cells)
+    torch = [c for c in cells if c.framework == "torch" and c.python == "3.11" and c.flavor == "runtime"
+             and c.base.name == "debian12"]
+    assert chosen and set(chosen) <= {c.tag for c in torch}
+    for cell in torch:  # each CUDA line's alias is on its newest torch, and only there
+        same_line = [c for c in torch if c.cuda == cell.cuda]
+        newest = max(same_line, key=lambda c: tuple(int(p) for p in c.version.split(".")))
+        assert (f"latest-{cell.cuda or 'cpu'}" in chosen.get(cell.tag, ())) == (cell is newest)
+
+
+def test_bad_aliases_are_file_line_errors(tmp_path: Path) -> None:
+    text = ('registry: "Not A Registry"\naliases:\n  - tag: "latest-{cuda}"\n    framework: torch\n'
+            '  - tag: "x {nope}"\n    framework: tensorflow\n')
+    path = matrix_with(tmp_path, text)
+    with pytest.raises(MatrixError) as err:
+        load_matrix(path)
+    lines = err.value.problems
+    n = len((ROOT / "matrix.yaml").read_text().splitlines())
+    assert any(line.startswith(f"{path}:{n + 1}: registry: ") for line in lines), lines
+    assert any(line.startswith(f"{path}:{n + 3}: aliases.0.tag: ") and "would name" in line for line in lines), lines
+    assert any(line.startswith(f"{path}:{n + 5}: aliases.1.tag: ") and "unknown placeholder" in line
+               for line in lines), lines
