@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from builder import __version__, doctor, facts, publish, tags
+from builder import __version__, doctor, facts, publish, shard, tags
 from builder.bases import ensure_base
 from builder.build import BuildOptions, BuildResult, build_cells
 from builder.certify import CertifyOptions, CertifyResult, certify_cells
@@ -78,6 +78,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 def cmd_matrix(args: argparse.Namespace) -> int:
     matrix = load_matrix(args.matrix)
     cells, dropped = expand(matrix, selection(args))
+    if args.shard:
+        k, n = shard.parse_shard(args.shard)
+        state = State(Path(args.state))
+        cells = shard.partition(cells, n, state)[k - 1]
+        costs = shard.expected(cells, state)
+        log.info("shard %d/%d: %d cell(s), expected %.0f s of work and %.1f GB of images (%d from records)", k, n,
+                 len(cells), sum(c.seconds for c in costs.values()), sum(c.size for c in costs.values()) / 1e9,
+                 sum(c.source != "estimate" for c in costs.values()))
     if args.format == "json":
         print(json.dumps([{**_row(c), "claims": c.claims()} for c in cells], indent=2))
     elif args.format == "github":
@@ -323,6 +331,9 @@ def parser() -> argparse.ArgumentParser:
     _selectors(p)
     p.add_argument("--format", choices=["table", "json", "github"], default="table")
     p.add_argument("--explain", action="store_true", help="also list dropped combinations and why")
+    p.add_argument("--shard", metavar="K/N", help="only shard K of N, balanced by expected build time and size "
+                   "(from --state's records of an earlier run, else per-framework estimates)")
+    _state_option(p)
     p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("render", help="write one build context per cell")
