@@ -34,7 +34,8 @@ from builder.matrix.model import Cell
 VENV = "/opt/venv"
 LOCK = f"{VENV}/requirements.lock"
 DPKG_STATUS = "/var/lib/dpkg/status"
-OS_RELEASE = ("/etc/os-release", "/usr/lib/os-release")
+# /usr/lib first: /etc/os-release is a symlink to it on Debian and Ubuntu.
+OS_RELEASE = ("/usr/lib/os-release", "/etc/os-release")
 SPEC = "CycloneDX 1.6 JSON"
 # One image's SBOM: the same image id gives the same serial number, so re-certifying replaces, not adds.
 SERIAL_NAMESPACE = uuid.UUID("8c5d7a4e-3f0b-4e55-9d36-6c0f8f3f0b11")

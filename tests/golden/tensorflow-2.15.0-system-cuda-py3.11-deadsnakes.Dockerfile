@@ -8,12 +8,14 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# --- Python 3.11 (deadsnakes), before any CUDA or framework layer.
+# --- Python 3.11 (deadsnakes), before any CUDA or framework layer. `apt-get clean`:
+# a debootstrapped base keeps every downloaded .deb (no docker-clean hook), and the image promises empty caches.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
  && add-apt-repository -y ppa:deadsnakes/ppa \
  && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
  && apt-get purge -y --auto-remove software-properties-common gpg-agent \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
 # --- Builder stage: the only stage that sees build-time package sources (CA bundle, indexes, wheelhouse).

@@ -8,9 +8,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# --- Python 3.10 (system), before any CUDA or framework layer.
+# --- Python 3.10 (system), before any CUDA or framework layer. `apt-get clean`:
+# a debootstrapped base keeps every downloaded .deb (no docker-clean hook), and the image promises empty caches.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
 # --- Builder stage: the only stage that sees build-time package sources (CA bundle, indexes, wheelhouse).
