@@ -136,32 +136,33 @@ def local_candidates(state: State) -> list[Candidate]:
     return out
 
 
-def registry_candidates(registry: str, cells: list[Cell]) -> tuple[list[Candidate], str | None]:
-    """Certified images in `registry`, through builder.publish.resolve; (candidates, why none) ."""
+def registry_candidates(registry: str, cells: list[Cell], driver: str | None) -> tuple[list[Candidate], str | None]:
+    """Certified images in `registry` among `cells` that `driver` can run, through builder.publish's resolve.
+
+    Only the selected cells are looked up (one manifest and certificate each): select wider, for
+    example `--framework torch`, to find older CUDA lines. Returns (candidates, a note for the reader).
+    """
     try:
         publish = importlib.import_module("builder.publish")
     except ImportError:
         return [], f"--registry {registry}: this builder has no `resolve` (builder/publish.py): local certificates only"
-    resolve: Callable[..., Any] | None = getattr(publish, "resolve", None)
-    if resolve is None:
-        return [], f"--registry {registry}: builder.publish has no resolve(): local certificates only"
-    out, failures = [], []
-    for cell in cells:
-        try:
-            found = resolve(registry, cell.tag)
-        except BuilderError as exc:
-            failures.append(str(exc))
-            continue
-        if not found:
-            continue
-        level = str(getattr(found, "level", None) or (found.get("level") if isinstance(found, dict) else "") or "")
-        ref = str(getattr(found, "reference", None) or (found.get("reference") if isinstance(found, dict) else "")
-                  or cell.tag)
-        out.append(Candidate(tag=cell.tag, framework=cell.framework, version=cell.version, python=cell.python,
-                             cuda=cell.cuda, driver_floor=cell.driver_floor, level=level or "cpu-verified",
-                             where=ref))
-    note = f"--registry {registry}: {len(failures)} lookup(s) failed, first: {failures[0]}" if failures else None
-    return out, note
+    resolve_cells: Callable[..., Any] | None = getattr(publish, "resolve_cells", None)
+    if resolve_cells is None:
+        return [], f"--registry {registry}: builder.publish has no resolve_cells(): local certificates only"
+    if driver is None:
+        return [], f"--registry {registry}: not asked, no driver to compare with"
+    have = _version(driver)
+    wanted = [c for c in cells if c.cuda and c.driver_floor and _version(c.driver_floor) <= have]
+    if not wanted:
+        return [], None
+    try:
+        found = resolve_cells(wanted, registry, "cpu-verified")
+    except BuilderError as exc:
+        return [], f"--registry {registry}: {exc}"
+    out = [Candidate(tag=r.cell.tag, framework=r.cell.framework, version=r.cell.version, python=r.cell.python,
+                     cuda=r.cell.cuda, driver_floor=r.cell.driver_floor, level=str(r.level), where=str(r.reference))
+           for r in found if getattr(r, "ok", False)]
+    return out, f"--registry {registry}: {len(out)} of {len(wanted)} cell(s) this driver runs are certified there"
 
 
 def _version(text: str | None) -> Version:
@@ -289,11 +290,13 @@ def run(cells: list[Cell], *, state_dir: Path, registry: str | None = None,
     facts = engine_facts(engine, error, address, probe_image)
     notes: list[str] = []
     extra: list[Candidate] = []
+    local_driver = local()
     if registry:
-        extra, note = registry_candidates(registry, cells)
+        driver = effective_driver(facts, local_driver)
+        extra, note = registry_candidates(registry, cells, driver.version if driver else None)
         if note:
             notes.append(note)
-    return diagnose(cells, facts, local(), State(state_dir), extra, notes)
+    return diagnose(cells, facts, local_driver, State(state_dir), extra, notes)
 
 
 def main(cells: list[Cell], *, state_dir: Path, registry: str | None, fmt: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -173,8 +174,30 @@ def test_registry_without_resolve_is_named(cells, tmp_path, monkeypatch):
         return real(name, *a)
 
     monkeypatch.setattr(doctor.importlib, "import_module", no_publish)
-    found, note = doctor.registry_candidates("localhost:5000", list(cells.values()))
+    found, note = doctor.registry_candidates("localhost:5000", list(cells.values()), "470.82.01")
     assert found == [] and "has no `resolve`" in note
+
+
+def test_registry_candidates_come_from_resolve_for_cells_the_driver_runs(cells, tmp_path, monkeypatch):
+    """resolve is asked only about cells this driver can run; what it certifies becomes the fallback."""
+    import types
+
+    asked: list[list[str]] = []
+    old_line = next(c for c in cells.values() if c.cuda == "12.1")
+    runnable = dataclasses.replace(old_line, driver_floor="450", cuda="11.8")
+
+    def resolve_cells(wanted, registry, require):
+        asked.append([c.tag for c in wanted])
+        return [types.SimpleNamespace(cell=c, ok=True, level="gpu-certified",
+                                      reference=f"{registry}/x@sha256:{'a' * 64}") for c in wanted]
+
+    monkeypatch.setitem(sys.modules, "builder.publish", types.SimpleNamespace(resolve_cells=resolve_cells))
+    found, note = doctor.registry_candidates("localhost:5000", [*cells.values(), runnable], "470.82.01")
+    assert asked == [[runnable.tag]]  # every matrix cell needs 525: only the 11.8 one is worth a lookup
+    assert [(c.tag, c.where) for c in found] == [(runnable.tag, f"localhost:5000/x@sha256:{'a' * 64}")]
+    assert note == "--registry localhost:5000: 1 of 1 cell(s) this driver runs are certified there"
+    v = doctor.verdict(torch121(cells), doctor.EngineFacts(address=LOCAL, paths=("runtime",)), OLD, None, found)
+    assert v.instead == f"{runnable.tag} (gpu-certified, needs driver 450, localhost:5000/x@sha256:{'a' * 64})"
 
 
 def test_cli_with_a_failing_nvidia_smi_and_no_engine(tmp_path):
