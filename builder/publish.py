@@ -308,8 +308,8 @@ def pull_one(engine: Engine, registry: Registry, state: State, dest: Target, *, 
     if not recertify:
         return PullResult(cell=cell, status="verified", reference=reference, detail=detail,
                           seconds=time.monotonic() - started)
-    new = recertify_pulled(engine, cell, info, certify_options)
-    diffs = compare_certificates(found.certificate, new) if new is not None else ["the re-run wrote no certificate"]
+    new, summary = recertify_pulled(engine, cell, info, certify_options)
+    diffs = compare_certificates(found.certificate, new) if new is not None else [f"the re-run failed: {summary}"]
     if diffs:
         return PullResult(cell=cell, status="failed", reference=reference, seconds=time.monotonic() - started,
                           detail="re-certification disagrees: " + "; ".join(diffs[:6]))
@@ -319,19 +319,23 @@ def pull_one(engine: Engine, registry: Registry, state: State, dest: Target, *, 
 
 
 def recertify_pulled(engine: Engine, cell: Cell, pulled: ImageInfo,
-                     options: CertifyOptions | None) -> dict[str, Any] | None:
-    """Run certify on the pulled image in a scratch state, and put the cell's name back on the pulled image."""
+                     options: CertifyOptions | None) -> tuple[dict[str, Any] | None, str]:
+    """Run certify on the pulled image in a scratch state, and put the cell's name back on the pulled image.
+
+    Returns the new certificate (None if the run wrote none) and certify's one-line summary.
+    """
     with tempfile.TemporaryDirectory(prefix="builder-recertify-") as tmp:
         base = options or CertifyOptions(state_dir=Path(tmp))
         opts = CertifyOptions(**{**base.__dict__, "state_dir": Path(tmp), "force": True, "image": pulled.id})
+        summary = "certify did not run"
         try:
-            certify_cells(engine, [cell], opts)
+            summary = certify_cells(engine, [cell], opts)[0].summary
         finally:
             stamped = engine.image(cell.tag)
             engine.tag(pulled.id, cell.tag)
             if stamped is not None and stamped.id != pulled.id:  # the scratch stamp is not kept
                 engine.untag(stamped.id)
-        return State(Path(tmp)).read_certificate(cell.tag)
+        return State(Path(tmp)).read_certificate(cell.tag), summary
 
 
 def pull_cells(engine: Engine, cells: list[Cell], state: State, registry_name: str, *, require: str,

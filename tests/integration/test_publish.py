@@ -1,0 +1,288 @@
+"""push, resolve and pull against real registries: Debian's docker-registry (distribution 2.8) in containers.
+
+The registry image is built here from the bootstrapped Debian base and the Debian package, and each
+registry's life is managed by testcontainers, published on 127.0.0.1 only. One round trip with a real
+certified TensorFlow CPU cell, then the faults, each of which must give one clear line, no traceback,
+no digest recorded and nothing left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from builder.engine import CERT_DIGEST, HASH, LEVEL, MANAGED, TAG, Engine
+from builder.state import State
+
+from .conftest import REPOSITORY, ROOT, Work
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # its reaper image cannot be pulled here
+
+TF_CPU = ["--framework", "tensorflow==2.18.0", "--cuda", "cpu", "--python", "3.11"]
+TF_CPU_TAG = f"{REPOSITORY}/tensorflow:2.18.0-cpu-py3.11-runtime-debian12"
+REGISTRY_IMAGE = f"{REPOSITORY}/registry:2.8"
+USER, PASSWORD = "builder-test", "registry-test-password"  # baked into the test registry's htpasswd
+
+
+@pytest.fixture(scope="module")
+def registry_image(engine: Engine, work: Work) -> str:
+    """The registry image: Debian's docker-registry on the bootstrapped base (labelled for the clean-up)."""
+    work.cli("base", *TF_CPU, check=True)
+    context = ROOT / "tests" / "integration" / "registry"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path in sorted(context.iterdir()):
+            tar.add(path, arcname=path.name)
+    buf.seek(0)
+    for event in engine.api.build(fileobj=buf, custom_context=True, tag=REGISTRY_IMAGE, pull=False, rm=True,
+                                  forcerm=True, decode=True, labels={TAG: REGISTRY_IMAGE}, network_mode="host"):
+        assert "error" not in event, event
+    return REGISTRY_IMAGE
+
+
+class Registry:
+    """One running registry container on 127.0.0.1, its life held by testcontainers."""
+
+    def __init__(self, image: str, config: str = "open") -> None:
+        from testcontainers.core.container import DockerContainer
+
+        self.container = DockerContainer(image).with_command(f"/etc/registry/{config}.yml")
+        self.container.ports["5000/tcp"] = ("127.0.0.1", None)  # loopback only, never every address
+        self.container.with_kwargs(labels={MANAGED: "true"})
+
+    def __enter__(self) -> Registry:
+        self.container.start()
+        self.address = f"127.0.0.1:{self.container.get_exposed_port(5000)}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"http://{self.address}/v2/", timeout=2)
+                break
+            except requests.RequestException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        return self
+
+    def stop(self) -> None:
+        self.container.stop()
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):  # already stopped by the test
+            self.stop()
+
+
+@pytest.fixture(scope="module")
+def registry(registry_image: str) -> Iterator[Registry]:
+    with Registry(registry_image) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="module")
+def certified(engine: Engine, work: Work) -> dict:
+    """The TF CPU cell, built now (--force: an image already there is no proof) and certified."""
+    proc = work.cli("build", *TF_CPU, "--force", check=True)
+    assert "built" in proc.stdout, proc.stdout
+    work.cli("certify", *TF_CPU, check=True)
+    return work.certificate(TF_CPU_TAG)
+
+
+def run(work: Work, *args: str, state: Path | None = None, env: dict[str, str] | None = None):
+    return work.cli(*args, "--state", str(state or work.state), env=env) if args[0] != "resolve" else \
+        work.cli(*args, env=env)
+
+
+def one_clean_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The failure's stderr: exactly one `error:` line and no traceback."""
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def registry_names(engine: Engine, address: str) -> list[str]:
+    """Local names under a registry: a push must not leave its registry-named tags behind."""
+    return [t for img in engine.api.images() for t in img.get("RepoTags") or [] if t.startswith(address)]
+
+
+def test_round_trip(engine: Engine, work: Work, registry: Registry, certified: dict) -> None:
+    reg = registry.address
+    started = time.monotonic()
+    proc = run(work, "push", *TF_CPU, "--registry", f"{reg}/team")
+    first = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert "pushed" in proc.stdout
+    record = work.store.read_publish(TF_CPU_TAG)
+    assert record is not None and record.certificate_digest == certified["digest"] and not record.noop
+    repo = f"{reg}/team/{TF_CPU_TAG.rsplit(':', 1)[0]}"
+    assert record.reference.startswith(f"{repo}@sha256:")
+    entry = work.store.index()[TF_CPU_TAG]
+    assert entry.published is not None and entry.published.reference == record.reference
+    assert work.certificate(TF_CPU_TAG) == certified  # the digest is beside the certificate, never in it
+    assert registry_names(engine, reg) == []
+    # the registry holds the immutable tag and the certificate under cosign's tag
+    path = repo.split("/", 1)[1]
+    immutable = next(t for t in record.tags if t.startswith("src-"))
+    accept = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+    got = requests.get(f"http://{reg}/v2/{path}/manifests/{immutable}", headers=accept, timeout=10)
+    assert got.headers["Docker-Content-Digest"] == record.digest
+    cert_tag = "sha256-" + record.digest.split(":")[1] + ".cert"
+    art = requests.get(f"http://{reg}/v2/{path}/manifests/{cert_tag}",
+                       headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}, timeout=10).json()
+    assert art["subject"]["digest"] == record.digest
+    blob = requests.get(f"http://{reg}/v2/{path}/blobs/{art['layers'][0]['digest']}", timeout=10).json()
+    assert blob == certified
+
+    # a second push of the same image is a no-op, and says so
+    started = time.monotonic()
+    again = run(work, "push", *TF_CPU, "--registry", f"{reg}/team")
+    noop = time.monotonic() - started
+    assert again.returncode == 0 and "unchanged" in again.stdout, again.stdout + again.stderr
+    assert work.store.read_publish(TF_CPU_TAG).noop
+    print(f"push {first:.1f} s, no-op push {noop:.1f} s")
+
+    # remove every local image of the cell; resolve asks the registry alone
+    work.cli("clean", *TF_CPU, check=True)
+    assert engine.image(TF_CPU_TAG) is None
+    text = run(work, "resolve", *TF_CPU, "--registry", f"{reg}/team")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.strip() == record.reference
+    js = json.loads(run(work, "resolve", *TF_CPU, "--registry", f"{reg}/team", "--format", "json").stdout)
+    assert js == [{"tag": TF_CPU_TAG, "reference": record.reference, "level": "cpu-verified",
+                   "certificate": certified["digest"]}]
+    env = run(work, "resolve", *TF_CPU, "--registry", f"{reg}/team", "--format", "env").stdout.strip()
+    assert env == f"BUILDER_IMAGE_TENSORFLOW_2_18_0_CPU_PY3_11_RUNTIME_DEBIAN12={record.reference}"
+    # the reference is one that `docker pull` accepts
+    subprocess.run(["docker", "pull", "-q", record.reference], check=True, capture_output=True, timeout=600)
+    subprocess.run(["docker", "rmi", record.reference], check=True, capture_output=True)
+
+    # pull by digest into a state that never saw the cell, checks the labels against the certificate
+    elsewhere = work.root / "elsewhere"
+    pulled = run(work, "pull", *TF_CPU, "--registry", f"{reg}/team", state=elsewhere)
+    assert pulled.returncode == 0, pulled.stderr
+    assert "verified" in pulled.stdout
+    info = engine.image(TF_CPU_TAG)
+    assert info is not None and info.labels[CERT_DIGEST] == certified["digest"]
+    assert info.labels[HASH] == certified["image"]["content_hash"] and info.labels[LEVEL] == "cpu-verified"
+    assert State(elsewhere).read_certificate(TF_CPU_TAG) == certified
+    # and --recertify runs the smoke test again on the pulled image: the same level and checks
+    recert = run(work, "pull", *TF_CPU, "--registry", f"{reg}/team", "--recertify", state=elsewhere)
+    assert recert.returncode == 0, recert.stderr
+    assert "recertified" in recert.stdout
+    assert engine.image(TF_CPU_TAG).id == info.id  # the scratch stamp of the re-run is not kept
+
+
+def test_uncertified_and_mismatched_certificates_are_refused(engine: Engine, work: Work, registry: Registry,
+                                                             certified: dict) -> None:
+    if engine.image(TF_CPU_TAG) is None or engine.image(TF_CPU_TAG).labels.get(CERT_DIGEST) != certified["digest"]:
+        work.cli("build", *TF_CPU, check=True)
+        work.cli("certify", *TF_CPU, "--force", check=True)
+        certified = work.certificate(TF_CPU_TAG)
+    reg = f"{registry.address}/refused"
+    # no certificate at all
+    empty = work.root / "no-certificates"
+    proc = run(work, "push", *TF_CPU, "--registry", reg, state=empty)
+    assert proc.returncode == 8
+    assert "no certificate" in one_clean_line(proc)
+    assert State(empty).read_publish(TF_CPU_TAG) is None
+    # a certificate edited after certify
+    changed = work.root / "changed"
+    shutil.copytree(work.state, changed)
+    cert = State(changed).read_certificate(TF_CPU_TAG)
+    cert["level"] = "gpu-certified"
+    State(changed).write_certificate(TF_CPU_TAG, cert)
+    proc = run(work, "push", *TF_CPU, "--registry", reg, state=changed)
+    assert proc.returncode == 8 and "was changed after certify" in one_clean_line(proc)
+    # a certificate that is sound but not the one on the image
+    from builder.certify import digest
+
+    cert = dict(certified, time="2000-01-01T00:00:00Z")
+    cert["digest"] = digest(cert)
+    State(changed).write_certificate(TF_CPU_TAG, cert)
+    proc = run(work, "push", *TF_CPU, "--registry", reg, state=changed)
+    assert proc.returncode == 8 and "changed since certify" in one_clean_line(proc)
+    # below the required level
+    proc = run(work, "push", *TF_CPU, "--registry", reg, "--require", "gpu-certified")
+    assert proc.returncode == 8 and "below the required gpu-certified" in one_clean_line(proc)
+    for state in (empty, changed):
+        assert State(state).read_publish(TF_CPU_TAG) is None
+    # nothing reached the registry, and no registry-named tag is left here
+    tags = requests.get(f"http://{registry.address}/v2/refused/{TF_CPU_TAG.rsplit(':', 1)[0]}/tags/list", timeout=10)
+    assert tags.status_code == 404
+    assert registry_names(engine, registry.address) == []
+    # --allow-uncertified pushes, says so, and records nothing
+    proc = run(work, "push", *TF_CPU, "--registry", reg, "--allow-uncertified", state=empty)
+    assert proc.returncode == 0, proc.stderr
+    assert "--allow-uncertified: pushing anyway" in proc.stderr
+    assert State(empty).read_publish(TF_CPU_TAG) is None
+    # and resolve will not hand out an image without its certificate
+    proc = run(work, "resolve", *TF_CPU, "--registry", reg)
+    assert proc.returncode == 1 and proc.stdout.strip() == ""
+    assert "pushed uncertified" in one_clean_line(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_registry_faults_give_one_line_and_record_nothing(engine: Engine, work: Work, registry_image: str,
+                                                          certified: dict, tmp_path: Path) -> None:
+    if engine.image(TF_CPU_TAG) is None or engine.image(TF_CPU_TAG).labels.get(CERT_DIGEST) != certified["digest"]:
+        work.cli("build", *TF_CPU, check=True)
+        work.cli("certify", *TF_CPU, "--force", check=True)
+    docker_config = tmp_path / "docker-config"  # a Docker config with no login in it
+    docker_config.mkdir()
+    no_login = {"DOCKER_CONFIG": str(docker_config)}
+    cases = []
+    # a stopped registry
+    with Registry(registry_image) as stopped:
+        address = stopped.address
+        stopped.stop()
+    cases.append(("stopped", address, no_login, "nothing answers at"))
+    # a port where nothing listens
+    cases.append(("wrong port", f"127.0.0.1:{free_port()}", no_login, "nothing answers at"))
+    with Registry(registry_image, "auth") as auth, Registry(registry_image, "readonly") as readonly:
+        cases.append(("no login", auth.address, no_login, "requires a login: run `docker login"))
+        cases.append(("read-only", readonly.address, no_login, "refuses writes"))
+        for name, address, env, words in cases:
+            state = tmp_path / name
+            shutil.copytree(work.state, state)
+            before = json.loads(State(state).index_path.read_text())
+            started = time.monotonic()
+            proc = run(work, "push", *TF_CPU, "--registry", address, state=state, env=env)
+            line = one_clean_line(proc)
+            print(f"{name}: exit {proc.returncode} in {time.monotonic() - started:.1f} s: {line}")
+            assert proc.returncode == 7, (name, proc.stderr)
+            assert words in line, (name, line)
+            assert State(state).read_publish(TF_CPU_TAG) is None, name
+            assert json.loads(State(state).index_path.read_text()) == before, name
+            assert registry_names(engine, address) == [], name
+        # the same auth registry with a login (made by `docker login`, which alone writes credentials) works
+        login = subprocess.run(["docker", "login", "-u", USER, "--password-stdin", auth.address], input=PASSWORD,
+                               text=True, capture_output=True, env={**os.environ, **no_login}, timeout=60)
+        assert login.returncode == 0, login.stderr
+        state = tmp_path / "login"
+        shutil.copytree(work.state, state)
+        proc = run(work, "push", *TF_CPU, "--registry", auth.address, state=state, env=no_login)
+        assert proc.returncode == 0, proc.stderr
+        record = State(state).read_publish(TF_CPU_TAG)
+        assert record is not None
+        for path in state.rglob("*"):  # the tool wrote no credential anywhere
+            assert not path.is_file() or PASSWORD not in path.read_text(errors="replace"), path
+        resolved = run(work, "resolve", *TF_CPU, "--registry", auth.address, env=no_login)
+        assert resolved.stdout.strip() == record.reference, resolved.stderr
