@@ -312,6 +312,24 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return _publish_exit(results, refused="")
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from builder import report  # jinja2 templates and matplotlib are only loaded for this command
+
+    matrix = load_matrix(args.matrix)
+    sel = selection(args)
+    cells, _ = expand(matrix, sel)
+    out = Path(args.out)
+    made = report.make(State(Path(args.state)), cells, sel, out)
+    counts = ", ".join(f"{n} {label}" for label, n in made.counts.items() if n)
+    print(f"{out / 'index.html'}: {len(made.entries)} cells ({counts or 'none'})")
+    print(f"{out / 'summary.md'}: for $GITHUB_STEP_SUMMARY")
+    if made.plot_png is not None:
+        print(f"{out / 'plot.png'}: image size and build time per cell")
+    elif made.built:
+        print(f"note: no plot: {made.plot_note}", file=sys.stderr)
+    return 0
+
+
 def _publish_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", help="HOST[:PORT][/NAMESPACE] (default: `registry:` in the matrix, else "
                         f"${tags.REGISTRY_ENV}); credentials come only from `docker login`")
@@ -400,6 +418,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=900, help="seconds the --recertify run may take (default 900)")
     p.add_argument("--memory", default="8g", help="memory limit of the --recertify run (default 8g)")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report, a Markdown summary and a plot of the state")
+    _selectors(p)
+    _state_option(p)
+    p.add_argument("--out", default="report", help="folder to write index.html, summary.md, plot.png and the "
+                   "copied logs and certificates into (default: report)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("clean", help="remove the selected cells' images and any leftover builder containers")
     _selectors(p)
