@@ -29,7 +29,8 @@ def test_without_a_gpu_the_proof_fails_and_says_why(tmp_path):
     cells.write_text(json.dumps([claims]))
     out = tmp_path / "out"
     done = subprocess.run(["bash", str(ROOT / "docs" / "gpu-proof.sh"), str(out)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable, "PROOF_CELLS": str(cells)}, timeout=600)
+                          env={**os.environ, "PYTHON": sys.executable, "PROOF_CELLS": str(cells), "PROOF_STEPS": "30"},
+                          timeout=600)
     assert done.returncode == 1, done.stdout + done.stderr
     report = json.loads((out / "gpu-proof.json").read_text())
     assert report["verdict"] == "failed" and report["cell"] == "test/torch:host"
