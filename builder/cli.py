@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -21,40 +23,87 @@ from builder.bases import ensure_base
 from builder.build import BuildOptions, BuildResult, build_cells
 from builder.certify import CertifyOptions, CertifyResult, certify_cells
 from builder.engine import MANAGED, TAG, Engine
-from builder.errors import BaseImageError, BuilderError, NotCertified, RegistryError, SourceError, UsageError
-from builder.matrix import Cell, Selection, expand, load_matrix
-from builder.render import render
+from builder.errors import BaseImageError, BuilderError, NotCertified, RegistryError, UsageError
+from builder.matrix import Cell, Rejection, Selection, expand, load_matrix, no_match
+from builder.matrix.model import printable
+from builder.render import check_out, render, write_contexts
 from builder.sources import Sources
 from builder.state import State
 
 log = logging.getLogger("builder")
 
 
+def jobs_count(text: str) -> int:
+    """-j: a whole number from 1 to 64 (argparse type: a bad one is a usage error before any work)."""
+    value = int(text) if text.isascii() and text.isdigit() and len(text) <= 3 else 0
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{printable(text, 40)!r} is not a number of jobs from 1 to 64")
+    return value
+
+
+MAX_TIMEOUT = 7 * 24 * 3600
+
+
+def seconds(text: str) -> float:
+    """--timeout: seconds, more than 0 and at most a week (not nan, inf or negative)."""
+    try:
+        value = float(text) if text.isascii() else math.nan
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(f"{printable(text, 40)!r} is not a number of seconds from 0 to "
+                                         f"{MAX_TIMEOUT} (a week)")
+    return value
+
+
+MEMORY = re.compile(r"([0-9]{1,15}(?:\.[0-9]{1,6})?)([bkmg]?)b?", re.ASCII | re.IGNORECASE)
+MEMORY_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def memory_size(text: str) -> str:
+    """--memory: a size as the engine takes it (512m, 8g, 1.5g), from 6 MiB (the engine's minimum) to 1 PiB."""
+    match = MEMORY.fullmatch(text.strip())
+    size = float(match[1]) * MEMORY_UNITS[match[2].lower()] if match else 0
+    if not (6 << 20) <= size <= (1 << 50):
+        raise argparse.ArgumentTypeError(f"{printable(text, 40)!r} is not a memory size such as 512m or 8g "
+                                         "(from 6m to 1048576g)")
+    return text.strip().lower()
+
+
 def _selectors(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("selectors (all given must match)")
-    group.add_argument("--cuda", help="CUDA line, e.g. 12.1, or cpu")
-    group.add_argument("--python", help="Python version, e.g. 3.11")
-    group.add_argument("--framework", help="torch, tensorflow, or NAME==VERSION such as torch==2.4.1")
-    group.add_argument("--flavor", choices=["runtime", "devel"])
+    group = parser.add_argument_group("selectors (every selector given must match; repeat one to OR its values)")
+    group.add_argument("--cuda", action="append", help="CUDA line, e.g. 12.1, or cpu")
+    group.add_argument("--python", action="append", help="Python version, e.g. 3.11")
+    group.add_argument("--framework", action="append",
+                       help="torch, tensorflow, or NAME==VERSION such as torch==2.4.1")
+    group.add_argument("--flavor", action="append", choices=["runtime", "devel"])
     group.add_argument("--only", action="append", default=[], metavar="TAG-GLOB",
                        help="keep cells whose tag matches this glob; repeat to OR several")
 
 
+def _values(value: str | list[str] | None) -> tuple[str, ...] | None:
+    """A selector's values: argparse gives a list (append), a test or a default may give one string."""
+    if value is None:
+        return None
+    return tuple(dict.fromkeys([value] if isinstance(value, str) else value))
+
+
 def selection(args: argparse.Namespace) -> Selection:
-    framework, version = args.framework, None
-    if framework and "==" in framework:
-        framework, version = framework.split("==", 1)
-    if framework and framework not in ("torch", "tensorflow"):
-        raise UsageError(f"--framework {args.framework}: unknown framework (use torch or tensorflow)")
-    return Selection(cuda=args.cuda, python=args.python, framework=framework, framework_version=version,
-                     flavor=args.flavor, only=tuple(args.only))
+    frameworks = _values(args.framework)
+    for spec in frameworks or ():
+        if spec.partition("==")[0] not in ("torch", "tensorflow"):
+            raise UsageError(f"--framework {printable(spec, 60)}: unknown framework (use torch or tensorflow)")
+    return Selection(cuda=_values(args.cuda), python=_values(args.python), framework=frameworks,
+                     flavor=_values(args.flavor), only=tuple(args.only))
 
 
 def select_cells(args: argparse.Namespace) -> list[Cell]:
     matrix = load_matrix(args.matrix)
-    cells, _ = expand(matrix, selection(args))
+    sel = selection(args)
+    cells, _ = expand(matrix, sel)
     if not cells:
-        raise UsageError(f"{args.matrix}: no cell matches the selectors; see `python -m builder matrix`")
+        raise UsageError(f"{printable(str(args.matrix))}: no cell matches the selectors: "
+                         f"{no_match(sel, expand(matrix)[0])}")
     return cells
 
 
@@ -75,9 +124,22 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _dropped(rejection: Rejection) -> dict[str, Any]:
+    combo, violation = rejection.combo, rejection.violation
+    return {"framework": combo.framework, "version": combo.version, "cuda": combo.cuda, "python": combo.python,
+            "flavor": combo.flavor, "base": combo.base, "rule": violation.rule, "reason": violation.message,
+            "fact_at": violation.where, "where": rejection.where, "tags": list(rejection.tags)}
+
+
 def cmd_matrix(args: argparse.Namespace) -> int:
     matrix = load_matrix(args.matrix)
-    cells, dropped = expand(matrix, selection(args))
+    sel = selection(args)
+    cells, dropped = expand(matrix, sel)
+    if not cells:
+        if args.explain:
+            _explain(args.format, dropped)
+        raise UsageError(f"{printable(str(args.matrix))}: no cell matches the selectors: "
+                         f"{no_match(sel, expand(matrix)[0])}")
     if args.shard:
         k, n = shard.parse_shard(args.shard)
         state = State(Path(args.state))
@@ -86,28 +148,44 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         log.info("shard %d/%d: %d cell(s), expected %.0f s of work and %.1f GB of images (%d from records)", k, n,
                  len(cells), sum(c.seconds for c in costs.values()), sum(c.size for c in costs.values()) / 1e9,
                  sum(c.source != "estimate" for c in costs.values()))
-    if args.format == "json":
-        print(json.dumps([{**_row(c), "claims": c.claims()} for c in cells], indent=2))
+    rows = [{**_row(c), "claims": c.claims()} for c in cells]
+    if args.format == "json" and args.explain:
+        print(json.dumps({"cells": rows, "dropped": [_dropped(r) for r in dropped]}, indent=2))
+    elif args.format == "json":
+        print(json.dumps(rows, indent=2))
     elif args.format == "github":
         include = [{"tag": c.tag, "framework": c.framework, "version": c.version, "cuda": c.cuda or "cpu",
                     "python": c.python, "flavor": c.flavor, "base": c.base.name} for c in cells]
         print(json.dumps({"include": include}))
+        if args.explain:
+            _explain(args.format, dropped)
     else:
         print(table([_row(c) for c in cells]))
+        if args.explain:
+            _explain(args.format, dropped)
     log.info("%d cells", len(cells))
-    if args.explain:
-        print(f"\nDropped combinations ({len(dropped)}):")
-        for rejection in dropped:
-            print(f"  {rejection.where}: {rejection}")
     return 0
 
 
+def _explain(fmt: str, dropped: list[Rejection]) -> None:
+    """The dropped combinations: after the table on stdout; as JSON; or, beside a GitHub matrix (whose every
+    key would become a job dimension), on stderr so stdout stays the matrix."""
+    if fmt == "json":
+        print(json.dumps({"cells": [], "dropped": [_dropped(r) for r in dropped]}, indent=2))
+        return
+    stream = sys.stderr if fmt == "github" else sys.stdout
+    print(f"{'' if fmt == 'github' else chr(10)}Dropped combinations ({len(dropped)}):", file=stream)
+    for rejection in dropped:
+        print(f"  {rejection.where}: {rejection}", file=stream)
+
+
 def cmd_render(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    for cell in select_cells(args):
-        context = render(cell)
-        path = context.write(out)
-        print(f"{cell.tag}  {context.content_hash[:12]}  {path}")
+    cells = select_cells(args)
+    out = check_out(args.out)  # before anything is written
+    contexts = [render(cell) for cell in cells]
+    paths = write_contexts(contexts, out)
+    for context in contexts:
+        print(f"{context.cell.tag}  {context.content_hash[:12]}  {paths[context.cell.tag]}")
     return 0
 
 
@@ -196,8 +274,9 @@ def _certify_flags(parser: argparse.ArgumentParser) -> None:
                         "asked for and not seen fail the image (default auto)")
     parser.add_argument("--force", action="store_true", help="re-run images whose certificate is current")
     parser.add_argument("--require-gpu", action="store_true", help="fail unless every image is gpu-certified")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds one image's run may take (default 900)")
-    parser.add_argument("--memory", default="8g", help="memory limit of a run (default 8g)")
+    parser.add_argument("--timeout", type=seconds, default=900.0,
+                        help="seconds one image's run may take (default 900)")
+    parser.add_argument("--memory", type=memory_size, default="8g", help="memory limit of a run (default 8g)")
 
 
 def cmd_base(args: argparse.Namespace) -> int:
@@ -236,11 +315,9 @@ def cmd_facts(args: argparse.Namespace) -> int:
     matrix = load_matrix(args.matrix)
     sources = Sources.from_env(ca_bundle=args.ca_bundle, index_url=args.index_url)
     sel = selection(args)
-    try:
-        found = facts.check(matrix, facts.Index(sources), {sel.framework} if sel.framework else None)
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"cannot read package metadata from {sources.index_url}: {exc}") from None
-    found = [f for f in found if sel.framework_version in (None, f.version)]
+    wanted = sel.frameworks()
+    found = facts.check(matrix, facts.Index(sources), {name for name, _ in wanted} or None)
+    found = [f for f in found if not wanted or any(f.framework == n and v in (None, f.version) for n, v in wanted)]
     rows = [{"framework": f"{f.framework}=={f.version}", "line": f.line, "fact": f.fact, "matrix": f.matrix,
              "index": f.index, "verdict": f.verdict, "where": f.where} for f in found]
     print(table(rows))
@@ -348,7 +425,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("matrix", help="list the cells the matrix asks for")
     _selectors(p)
     p.add_argument("--format", choices=["table", "json", "github"], default="table")
-    p.add_argument("--explain", action="store_true", help="also list dropped combinations and why")
+    p.add_argument("--explain", action="store_true", help="also list the dropped combinations and why (with "
+                   "--format json: {\"cells\": [...], \"dropped\": [...]}; with github: on stderr)")
     p.add_argument("--shard", metavar="K/N", help="only shard K of N, balanced by expected build time and size "
                    "(from --state's records of an earlier run, else per-framework estimates)")
     _state_option(p)
@@ -356,14 +434,15 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", help="write one build context per cell")
     _selectors(p)
-    p.add_argument("--out", required=True, help="directory to write the contexts into")
+    p.add_argument("--out", required=True, help="a new or empty directory to write the contexts into, or one an "
+                   "earlier render wrote (replaced whole, so no stale file is left in a context)")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("build", help="build the selected cells' images")
     _selectors(p)
     _sources_options(p)
     _state_option(p)
-    p.add_argument("-j", "--jobs", type=int, default=1, help="builds at once (default 1)")
+    p.add_argument("-j", "--jobs", type=jobs_count, default=1, help="builds at once (default 1)")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date image exists")
     p.add_argument("--fail-fast", action="store_true", help="start no new build after a failure")
     p.set_defaults(func=cmd_build)
@@ -372,11 +451,11 @@ def parser() -> argparse.ArgumentParser:
     _selectors(p)
     _state_option(p)
     _certify_flags(p)
-    p.add_argument("-j", "--jobs", type=int, default=1, help="images certified at once (default 1)")
+    p.add_argument("-j", "--jobs", type=jobs_count, default=1, help="images certified at once (default 1)")
     p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("facts", help="check the matrix's Python ranges and cuDNN pins against the index's metadata")
-    p.add_argument("--framework", help="torch, tensorflow, or NAME==VERSION")
+    p.add_argument("--framework", action="append", help="torch, tensorflow, or NAME==VERSION; repeatable")
     p.add_argument("--ca-bundle", help="CA bundle for HTTPS (default: $PIP_CERT, ...)")
     p.add_argument("--index-url", help="index to read (default: $PIP_INDEX_URL, else PyPI)")
     p.set_defaults(func=cmd_facts, cuda=None, python=None, flavor=None, only=[])

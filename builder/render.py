@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
-from builder.matrix.model import Cell
+from builder import tags
+from builder.errors import UsageError
+from builder.matrix.model import Cell, printable
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
@@ -34,20 +39,89 @@ DEFAULT_SOURCES = {
 }
 
 
+# Marks a directory as one `render --out` wrote, so a later render may replace it as a whole.
+RENDER_MARK = ".builder-render"
+
+
 @dataclass(frozen=True, kw_only=True)
 class BuildContext:
     cell: Cell
     files: dict[str, bytes]  # path inside the context -> content; sources/ excluded
     content_hash: str
 
+    @property
+    def dir_name(self) -> str:
+        """The context's directory name: its tag as a safe file name."""
+        return tags.file_name(self.cell.tag)
+
     def write(self, out: Path) -> Path:
         """Write the context, with default sources, under out/<tag as a directory name>."""
-        target = out / self.cell.tag.replace("/", "_").replace(":", "_")
+        target = out / self.dir_name
         for rel, data in {**self.files, **DEFAULT_SOURCES}.items():
             path = target / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
         return target
+
+
+def check_out(text: str) -> Path:
+    """The `render --out` directory, checked before anything is written. Raises UsageError.
+
+    It must be a new directory in a writable one, an empty directory, or one an earlier render wrote
+    (which write_contexts replaces whole, so no stale file of an old context is left for `docker build`).
+    """
+    if not text.strip():
+        raise UsageError("--out: give a directory to write the contexts into")
+    shown = printable(text, 200)
+    out = Path(text)
+    if out.is_symlink():
+        what = "a dangling symbolic link" if not out.exists() else "a symbolic link"
+        raise UsageError(f"--out {shown}: is {what}; give a real directory")
+    if os.path.lexists(out):
+        if not out.is_dir():
+            raise UsageError(f"--out {shown}: exists and is not a directory")
+        if next(out.iterdir(), None) is not None and not (out / RENDER_MARK).is_file():
+            raise UsageError(f"--out {shown}: holds files that `render` did not write; give a new or empty "
+                             "directory")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {shown}: its parent {printable(str(parent), 200)} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {shown}: cannot write in {printable(str(parent), 200)} (permission denied)")
+    return out
+
+
+def write_contexts(contexts: list[BuildContext], out: Path) -> dict[str, Path]:
+    """Write every context under `out` (checked by check_out), replacing what an earlier render left there.
+
+    All of it is written into a temporary directory beside `out` first, then moved into place with renames:
+    a failure part-way leaves `out` as it was, never half-written. Returns tag -> context directory.
+    """
+    parent = out.absolute().parent
+    tmp: Path | None = None
+    trash: Path | None = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        (tmp / RENDER_MARK).write_text("written by `python -m builder render`; replaced whole by the next one\n")
+        paths = {}
+        for context in contexts:
+            context.write(tmp)
+            paths[context.cell.tag] = out / context.dir_name
+        if os.path.lexists(out):
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+            os.replace(out, trash / "out")
+        os.replace(tmp, out)
+    except OSError as exc:
+        if trash is not None and not os.path.lexists(out) and os.path.lexists(trash / "out"):
+            os.replace(trash / "out", out)  # put the old contexts back
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"--out {printable(str(out), 200)}: cannot write the contexts: "
+                         f"{exc.strerror or exc}") from None
+    finally:
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    return paths
 
 
 def _environment() -> jinja2.Environment:

@@ -6,14 +6,17 @@ asked for (or the only one a group yields) is an error.
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from builder import tags
 from builder.errors import MatrixError
 from builder.matrix import schema
-from builder.matrix.model import Base, Bootstrap, Cell, Matrix, Selection, dotted
+from builder.matrix.model import Base, Bootstrap, Cell, Matrix, Selection, Wanted, dotted, printable
 from builder.matrix.rules import CUDNN_TOKEN_MAJOR, Violation
 
 
@@ -335,3 +338,55 @@ def expand(matrix: Matrix, selection: Selection | None = None) -> tuple[list[Cel
             flavor=r.combo.flavor, tag=None, tags=r.tags)]
     chosen = [c for c in cells.values() if selection is None or selection.matches(c)]
     return chosen, dropped
+
+
+def _distance(a: str, b: str) -> int:
+    """How far apart two version-like strings are at their first differing number (3.14 is 1 from 3.13)."""
+    for x, y in zip(re.findall(r"[0-9]{1,9}", a), re.findall(r"[0-9]{1,9}", b), strict=False):
+        if x != y:
+            return abs(int(x) - int(y))
+    return 0
+
+
+def _nearest(wanted: str, have: set[str]) -> str | None:
+    """The value in `have` most like `wanted`: the longest shared start, then the most alike, then the nearest
+    number: `3.1` -> `3.10` (what YAML makes of an unquoted 3.10), `torch==2.4.2` -> `torch==2.4.1`."""
+    def score(value: str) -> tuple[int, float, int, str]:
+        prefix = next((i for i, (a, b) in enumerate(zip(wanted, value, strict=False)) if a != b),
+                      min(len(wanted), len(value)))
+        return (-prefix, -difflib.SequenceMatcher(None, wanted, value).ratio(), _distance(wanted, value), value)
+
+    best = min(have, key=score, default=None)
+    if best is None or -score(best)[1] < 0.5:
+        return None
+    return best
+
+
+def no_match(selection: Selection, everything: list[Cell]) -> str:
+    """Why `selection` keeps none of `everything` (the matrix's cells), in one line: each value that matches
+    no cell at all, with the nearest value the matrix has; else that the selectors only match apart."""
+    problems: list[str] = []
+
+    def check(flag: str, wanted: Wanted, have: set[str]) -> None:
+        for value in (wanted,) if isinstance(wanted, str) else wanted or ():
+            if value not in have:
+                near = _nearest(value, have)
+                hint = f"did you mean {printable(near)}?" if near else "the matrix has " + ", ".join(sorted(have)[:12])
+                problems.append(f"{flag} {printable(value, 60)} matches no cell ({hint})")
+
+    check("--cuda", selection.cuda, {c.cuda or "cpu" for c in everything})
+    check("--python", selection.python, {c.python for c in everything})
+    check("--flavor", selection.flavor, {c.flavor for c in everything})
+    names = {c.framework for c in everything} | {f"{c.framework}=={c.version}" for c in everything}
+    check("--framework", tuple(f"{n}=={v}" if v else n for n, v in selection.frameworks()), names)
+    if selection.framework_version is not None:
+        check("--framework NAME==", selection.framework_version, {c.version for c in everything})
+    for glob in selection.only:
+        if not any(fnmatch.fnmatchcase(c.tag, glob) for c in everything):
+            near = _nearest(glob.strip("*"), {c.tag for c in everything})
+            hint = f" (did you mean {near}?)" if near else ""
+            problems.append(f"--only {printable(glob, 80)} matches no cell's tag{hint}")
+    if problems:
+        return "; ".join(problems)
+    return ("no cell has all of the selectors at once; each matches some cells alone "
+            "(`python -m builder matrix --explain` with the same selectors says why)")
