@@ -8,9 +8,13 @@ unavailable, not guessed.
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import re
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from email.parser import Parser
@@ -20,7 +24,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
-from builder.matrix.model import Matrix
+from builder.errors import SourceError
+from builder.matrix.model import Matrix, printable
 from builder.sources import Sources
 
 SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
@@ -88,28 +93,138 @@ def cudnn_pin(metadata: str) -> str | None:
     return None
 
 
-class Index:
-    def __init__(self, sources: Sources) -> None:
-        self.base = sources.index_url
-        self.context = sources.ssl_context()
+# Limits on what an index may send: the torch and tensorflow PEP 691 pages are a few MB, a METADATA file a
+# few KB. A reply past these, or one that takes longer than DEADLINE_S in all, is refused, not read on.
+MAX_PAGE = 64 << 20
+MAX_METADATA = 4 << 20
+TIMEOUT_S = 30.0  # one connect or read
+DEADLINE_S = 300.0  # one whole reply
 
-    def _get(self, url: str, accept: str) -> bytes:
+
+def redact(url: str) -> str:
+    """`url` fit for a message: no user or password, escaped, cut short."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2]
+        if "@" in parts.netloc:
+            netloc = "***@" + netloc
+        url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    except ValueError:
+        url = "(an unreadable URL)"
+    return printable(url, 120)
+
+
+class Index:
+    """The JSON simple index (PEP 691) and PEP 658 metadata of one index URL.
+
+    Credentials in the URL (https://user:token@host/simple) are sent as HTTP basic auth, only to that
+    host, never on a redirect elsewhere, and never shown: messages name the URL with `***@`.
+    Every failure is a one-line SourceError that says what the index served.
+    """
+
+    def __init__(self, sources: Sources) -> None:
+        self.shown = redact(sources.index_url)
+        try:
+            parts = urllib.parse.urlsplit(sources.index_url)
+            port = parts.port
+        except ValueError:
+            raise SourceError(f"index URL {self.shown} is not a URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(
+                c.isspace() or not c.isprintable() for c in sources.index_url):
+            raise SourceError(f"index URL {self.shown} is not an http(s) URL with a host")
+        self.host = (parts.hostname, port)
+        self.auth: str | None = None
+        if parts.username is not None or parts.password is not None:
+            user = urllib.parse.unquote(parts.username or "")
+            password = urllib.parse.unquote(parts.password or "")
+            self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        netloc = parts.netloc.rpartition("@")[2]
+        self.base = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), parts.query, ""))
+        try:
+            self.context = sources.ssl_context()
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"CA bundle {printable(str(sources.ca_bundle))} cannot be used: "
+                              f"{printable(str(exc), 120)}") from None
+
+    def _same_host(self, url: str) -> bool:
+        parts = urllib.parse.urlsplit(url)
+        return (parts.hostname, parts.port) == self.host
+
+    def _get(self, url: str, accept: str, limit: int, what: str) -> tuple[bytes, str]:
+        """The body (at most `limit` bytes) and Content-Type of `url`. HTTPError passes through; every other
+        failure is a SourceError."""
         req = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": "builder-facts"})
-        with urllib.request.urlopen(req, timeout=60, context=self.context) as resp:
-            return bytes(resp.read())
+        if self.auth and self._same_host(url):
+            req.add_unredirected_header("Authorization", self.auth)  # not forwarded by a redirect
+        deadline = time.monotonic() + DEADLINE_S
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT_S, context=self.context) as resp:
+                chunks, size = [], 0
+                while chunk := resp.read(1 << 16):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > limit:
+                        raise SourceError(f"index {self.shown} sent more than {limit >> 20} MiB for {what}; "
+                                          "refused")
+                    if time.monotonic() > deadline:
+                        raise SourceError(f"index {self.shown} took over {DEADLINE_S:.0f} s to send {what}")
+                announced = str(resp.headers.get("Content-Length", "") or "")
+                if announced.isdigit() and int(announced[:18]) != size:
+                    raise SourceError(f"index {self.shown} failed while sending {what}: it sent {size} of the "
+                                      f"{printable(announced, 20)} bytes it announced")
+                return b"".join(chunks), str(resp.headers.get("Content-Type", "") or "")
+        except urllib.error.HTTPError:
+            raise
+        except urllib.error.URLError as exc:
+            raise SourceError(f"cannot reach index {self.shown} for {what}: {printable(str(exc.reason), 120)}") \
+                from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise SourceError(f"index {self.shown} failed while sending {what}: "
+                              f"{printable(str(exc) or type(exc).__name__, 120)}") from None
 
     def files(self, package: str) -> list[dict[str, object]]:
-        data = json.loads(self._get(f"{self.base}/{canonicalize_name(package)}/", SIMPLE_JSON))
-        return list(data.get("files", []))
+        """The files the index lists for `package`: SourceError if it serves anything but a PEP 691 page
+        that lists some."""
+        name = canonicalize_name(package)
+        what = f"the {name} page"
+        url = f"{self.base}/{name}/"
+        try:
+            body, ctype = self._get(url, SIMPLE_JSON, MAX_PAGE, what)
+        except urllib.error.HTTPError as exc:
+            raise SourceError(f"index {self.shown} answered HTTP {exc.code} for {what}") from None
+        start = printable(body[:60].decode("utf-8", "replace"), 60)
+        kind = ctype.split(";")[0].strip().lower()
+        if kind not in (SIMPLE_JSON, "application/json"):
+            raise SourceError(f"index {self.shown} served {printable(kind or 'no content type', 60)} for {what}, "
+                              f"not PEP 691 JSON ({SIMPLE_JSON}); it starts {start!r}")
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise SourceError(f"index {self.shown} served invalid JSON for {what}; it starts {start!r}") from None
+        files = data.get("files") if isinstance(data, dict) else None
+        if not isinstance(files, list) or not all(
+                isinstance(f, dict) and isinstance(f.get("filename"), str) and isinstance(f.get("url"), str)
+                for f in files):
+            raise SourceError(f"index {self.shown} served JSON of the wrong shape for {what}: PEP 691 needs "
+                              "a 'files' list of objects with 'filename' and 'url'")
+        if not files:
+            raise SourceError(f"index {self.shown} lists no files for {name}")
+        for entry in files:  # relative URLs are relative to the page (PEP 691)
+            entry["url"] = urllib.parse.urljoin(url, str(entry["url"]))
+        return files
 
     def metadata(self, entry: dict[str, object]) -> str | None:
-        """The wheel's METADATA (PEP 658). Tried even when the index does not advertise it: PyPI often has it."""
+        """The wheel's METADATA (PEP 658), or None where the index has none. Tried even when the index does not
+        advertise it: PyPI often has it."""
+        url = urllib.parse.urldefrag(str(entry["url"]))[0] + ".metadata"
+        what = f"the METADATA of {printable(str(entry.get('filename', '?')), 80)}"
         try:
-            return self._get(str(entry["url"]) + ".metadata", "*/*").decode("utf-8", "replace")
+            body, _ = self._get(url, "*/*", MAX_METADATA, what)
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return None
-            raise
+            raise SourceError(f"index {self.shown} answered HTTP {exc.code} for {what}") from None
+        return body.decode("utf-8", "replace")
 
 
 def check(matrix: Matrix, index: Index, frameworks: set[str] | None = None) -> list[Fact]:
