@@ -100,8 +100,9 @@ def decode_cudnn(number):
 
 
 def version_tuple(text):
-    return tuple(int(p) for p in VERSION.match(str(text)).group(0).split(".")) if text and VERSION.match(
-        str(text)) else ()
+    """(9, 3, 0) from "9.3.0"; (9,) from "9" (TF's build info gives cuDNN's major only); () from nothing."""
+    found = re.match(r"\d+(?:\.\d+)*", str(text)) if text else None
+    return tuple(int(p) for p in found.group(0).split(".")) if found else ()
 
 
 def payload_version(directory=HERE):
@@ -1099,11 +1100,12 @@ class TensorFlowAdapter(Adapter):
         cuda_build = bool(info.get("is_cuda_build"))
         probe = cudnn_probe()
         measured = decode_cudnn(probe.get("version"))
+        packages = self.packages()
         return {"framework_version": tf.__version__, "cuda": info.get("cuda_version") if cuda_build else None,
                 "cudnn": measured, "cudnn_source": f"cudnnGetVersion() of {probe.get('path')}" if measured else None,
                 "cudnn_library": probe, "cudnn_compiled": info.get("cudnn_version") if cuda_build else None,
                 "nccl": None, "gpus": details, "arch_list": info.get("cuda_compute_capabilities") or [],
-                "keras": getattr(tf.keras, "__version__", None), "packages": self.packages()}
+                "keras": packages.get("keras") or getattr(tf.keras, "__version__", None), "packages": packages}
 
     def gpu_count(self):
         return len(self.gpus)
@@ -1316,11 +1318,11 @@ def tf_all_reduce(tf, report, devices):
     def buffer_fn(ctx):
         return tf.zeros((nbytes // 4,))
 
-    small = strategy.experimental_distribute_values_from_function(value_fn)
-    reduced = strategy.reduce(tf.distribute.ReduceOp.SUM, small, axis=None)
-    value = float(reduced[0])
-    big = strategy.experimental_distribute_values_from_function(buffer_fn)
     reduce_ = strategy.extended.reduce_to  # the cross-device all-reduce MirroredStrategy runs in training
+    small = strategy.experimental_distribute_values_from_function(value_fn)
+    per_device = strategy.experimental_local_results(reduce_(tf.distribute.ReduceOp.SUM, small, small))
+    values = [float(t[0]) for t in per_device]
+    big = strategy.experimental_distribute_values_from_function(buffer_fn)
     reduce_(tf.distribute.ReduceOp.SUM, big, big)
     iters = 5
     t0 = time.perf_counter()
@@ -1328,7 +1330,7 @@ def tf_all_reduce(tf, report, devices):
         out = reduce_(tf.distribute.ReduceOp.SUM, big, big)
     float(tf.reduce_sum(strategy.experimental_local_results(out)[0][:1]))
     seconds = (time.perf_counter() - t0) / iters
-    results = [{"rank": i, "value": value, "seconds": seconds} for i in range(world)]
+    results = [{"rank": i, "value": v, "seconds": seconds} for i, v in enumerate(values)]
     backend = "nccl" if "GPU" in devices[0].upper() else "tf-cpu"
     return all_reduce_verdict(report, backend, world, results, nbytes, world)
 
@@ -1384,6 +1386,7 @@ def parser():
     p.add_argument("--all-reduce-timeout", type=float, default=ALL_REDUCE_TIMEOUT,
                    help="seconds the whole multi-GPU all-reduce may take")
     p.add_argument("--cudnn-probe", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--promises", action="store_true", help="also check what every image promises (promises.py)")
     return p
 
 
@@ -1400,6 +1403,9 @@ def main(argv=None):
     if framework not in ADAPTERS:
         parser().error(f"give --claims or --framework (one of {', '.join(sorted(ADAPTERS))})")
     report = Report()
+    if args.promises:  # promises.py ships beside this file; run first, before the framework writes to /tmp
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        report.guard("promise", lambda: importlib.import_module("promises").check(report, claims))
     wheels = nvidia_wheels()
     name, version = cudnn_wheel(wheels)
     ok, output = pip_check()
