@@ -433,6 +433,29 @@ def test_tensorflow_memory_growth_is_set_on_every_gpu_before_use(monkeypatch):
     assert calls == [("list", "GPU"), ("growth", "GPU:0", True), ("growth", "GPU:1", True)]
 
 
+def test_tensorflow_skipping_gpus_is_named_from_its_native_log(monkeypatch):
+    """A CUDA build of TF that cannot load its GPU libraries says so only in C++ logging, on fd 2."""
+    line = ("W0000 00:00:1700000000.000000 1 gpu_device.cc:2344] Cannot dlopen some GPU libraries. ... "
+            "Skipping registering GPU devices...")
+
+    class Config:
+        @staticmethod
+        def list_physical_devices(kind):
+            os.write(2, (line + "\n").encode())
+            return []
+
+    class Sysconfig:
+        @staticmethod
+        def get_build_info():
+            return {"is_cuda_build": True, "cuda_version": "12.5.1", "cudnn_version": "9"}
+
+    monkeypatch.setitem(sys.modules, "tensorflow", argparse.Namespace(config=Config, sysconfig=Sysconfig))
+    adapter = payload.TensorFlowAdapter()
+    adapter.load()
+    assert adapter.gpu_count() == 0
+    assert adapter.no_gpu_reasons({}) == [f"TensorFlow: {line}"]
+
+
 def test_payload_version_covers_every_payload_file(tmp_path):
     copy = tmp_path / "smoke"
     shutil.copytree(Path(payload.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
