@@ -494,8 +494,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recertify", action="store_true",
                    help="also run the smoke test on the pulled image and compare with its certificate")
     p.add_argument("--gpus", default="auto", help="GPUs for --recertify (as for certify; default auto)")
-    p.add_argument("--timeout", type=float, default=900, help="seconds the --recertify run may take (default 900)")
-    p.add_argument("--memory", default="8g", help="memory limit of the --recertify run (default 8g)")
+    p.add_argument("--timeout", type=seconds, default=900.0,
+                   help="seconds the --recertify run may take (default 900)")
+    p.add_argument("--memory", type=memory_size, default="8g", help="memory limit of the --recertify run (default 8g)")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("report", help="write a self-contained HTML report, a Markdown summary and a plot of the state")

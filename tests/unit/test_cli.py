@@ -116,15 +116,17 @@ def test_jobs_must_be_1_to_64_before_the_engine_is_contacted(no_engine, capsys, 
     assert "-j/--jobs" in err and "is not a number of jobs from 1 to 64" in err
 
 
+@pytest.mark.parametrize("command", ["certify", "pull"])
 @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "-1", "0", "1e999", "x", "604801", "", "\u0663"])
-def test_timeout_must_be_finite_and_positive(no_engine, capsys, value):
-    err = usage_exit(["--matrix", MATRIX, "certify", "--only", "*torch:2.4.1-cpu-*", f"--timeout={value}"], capsys)
+def test_timeout_must_be_finite_and_positive(no_engine, capsys, value, command):
+    err = usage_exit(["--matrix", MATRIX, command, "--only", "*torch:2.4.1-cpu-*", f"--timeout={value}"], capsys)
     assert "--timeout" in err and "is not a number of seconds" in err
 
 
+@pytest.mark.parametrize("command", ["certify", "pull"])
 @pytest.mark.parametrize("value", ["lots", "", "-1g", "1k", "5m", "8x", "1e9", "9999999999g", "8 g", "\uff18g"])
-def test_memory_must_be_a_size(no_engine, capsys, value):
-    err = usage_exit(["--matrix", MATRIX, "certify", "--only", "*torch:2.4.1-cpu-*", f"--memory={value}"], capsys)
+def test_memory_must_be_a_size(no_engine, capsys, value, command):
+    err = usage_exit(["--matrix", MATRIX, command, "--only", "*torch:2.4.1-cpu-*", f"--memory={value}"], capsys)
     assert "--memory" in err and "is not a memory size" in err
 
 
@@ -268,3 +270,21 @@ def test_context_directory_names_stay_short(tmp_path):
     assert main(["--matrix", str(path), "render", "--only", "*torch:2.4.1-cpu-*", "--out", str(out)]) == 0
     assert all(len(p.name) <= 200 for p in out.iterdir())
     assert os.path.isfile(next(p for p in out.iterdir() if p.is_dir()) / "Dockerfile")
+
+
+HOSTILE_VALUES = ["\x1b[2J\x1b[H", "a\nb", "\u2028", "x" * 5000, "\u0663.\u0661\u0661", "[", "*", "torch==\x1b", "==",
+                  "torch==", "\x00", "$(id)", "-", "3.11\r"]
+
+
+@pytest.mark.parametrize("flag", ["--cuda", "--python", "--framework", "--only", "--flavor"])
+@pytest.mark.parametrize("value", HOSTILE_VALUES)
+def test_hostile_selector_values_end_in_one_clean_line(no_engine, capsys, flag, value):
+    try:
+        code = main(["--matrix", MATRIX, "matrix", f"{flag}={value}", "--format", "json"])
+    except SystemExit as exc:  # argparse: --flavor choices
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code in (0, 2)
+    if code == 2 and flag != "--flavor":
+        (line,) = err.strip().splitlines()
+        assert line.startswith(("error: ", MATRIX)) and "\x1b" not in line and "\r" not in line and len(line) < 1000, line
