@@ -26,7 +26,7 @@ from builder.errors import BuilderError, BuildFailed, Interrupted
 from builder.matrix.model import Cell
 from builder.pool import run_pool
 from builder.render import ROOT, render
-from builder.sources import Sources, serve
+from builder.sources import APT_SOURCES, LOOPBACK, Sources, apt_hosts, listen_address, serve
 from builder.state import State
 
 log = logging.getLogger("builder")
@@ -119,9 +119,17 @@ class Progress:
             log.info("%s", msg)
 
 
+def _apt_mirrors(engine: ContainerEngine, base_id: str, cell: Cell) -> frozenset[str]:
+    """The mirrors the base's apt reads (its sources files, and the mirror it was bootstrapped from)."""
+    texts = [(engine.read_file(base_id, path) or b"").decode("utf-8", "replace") for path in APT_SOURCES]
+    if cell.base.bootstrap is not None:
+        texts.append(f"deb {cell.base.bootstrap.mirror.rstrip('/')}/ {cell.base.bootstrap.suite} main")
+    return apt_hosts(texts)
+
+
 def _build_one(
     engine: ContainerEngine, cell: Cell, options: BuildOptions, progress: Progress, stop: threading.Event,
-    base_lock: threading.Lock,
+    base_lock: threading.Lock, listen: str,
 ) -> BuildResult:
     started = time.monotonic()
     state = State(options.state_dir)
@@ -138,6 +146,8 @@ def _build_one(
     with base_lock:  # two cells on one base must not bootstrap it twice
         base_id, _ = ensure_base(engine, cell.base)
     context = render(cell, base_id=base_id)
+    # A remote engine may have no route out: its apt reaches the base's mirrors through our proxy too.
+    apt = _apt_mirrors(engine, base_id, cell) if listen != LOOPBACK and options.sources.proxy else frozenset()
     tail: list[str] = []
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     labels = {
@@ -145,7 +155,8 @@ def _build_one(
         "org.opencontainers.image.created": created, "org.opencontainers.image.revision": revision(),
         "org.builder.version": __version__,
     }
-    with log_path.open("w", encoding="utf-8") as logfile, serve(options.sources, cell.index) as (src, proxy):
+    with (log_path.open("w", encoding="utf-8") as logfile,
+          serve(options.sources, cell.index, host=listen, apt=apt) as (src, proxy)):
 
         def on_line(line: str) -> None:
             logfile.write(line + "\n")
@@ -158,7 +169,7 @@ def _build_one(
 
         try:
             image_id = engine.build({**context.files, **src}, tag=cell.tag, labels=labels, on_line=on_line,
-                                    stop=stop)
+                                    stop=stop, build_args=proxy.build_args() if proxy else None)
         except BuildFailed as exc:
             raise BuildFailed(str(exc), tail, str(log_path)) from None
         upstream = proxy.upstream_bytes if proxy else 0
@@ -179,11 +190,15 @@ def _build_one(
 def build_cells(engine: ContainerEngine, cells: list[Cell], options: BuildOptions) -> list[BuildResult]:
     base_lock = threading.Lock()
     since = time.time()
+    # Builds run on the engine host's network: the proxy listens where that host reaches this machine.
+    listen = listen_address(engine.address) if options.sources.proxy else LOOPBACK
+    if listen != LOOPBACK:
+        log.info("engine at %s: package proxy on %s", engine.address, listen)
 
     def work(cell: Cell, stop: threading.Event) -> BuildResult:
         started = time.monotonic()
         try:
-            return _build_one(engine, cell, options, progress, stop, base_lock)
+            return _build_one(engine, cell, options, progress, stop, base_lock, listen)
         except BuildFailed as exc:
             return BuildResult(cell=cell, status="failed", seconds=time.monotonic() - started, error=str(exc),
                                log_tail=tuple(exc.log_tail), log_path=Path(exc.log_path) if exc.log_path else None)

@@ -106,7 +106,7 @@ class ContainerEngine(Protocol):
     def prune_dangling(self, label: str) -> int: ...
 
     def build(self, files: dict[str, bytes], *, tag: str, labels: dict[str, str], on_line: Callable[[str], None],
-              stop: threading.Event, nocache: bool = False) -> str: ...
+              stop: threading.Event, nocache: bool = False, build_args: dict[str, str] | None = None) -> str: ...
 
     def info(self) -> dict[str, Any]: ...
 
@@ -167,7 +167,8 @@ class Engine:
         """Reach the engine, or raise EngineError saying which address was tried and what to do."""
         address = _address()
         try:
-            client = docker.DockerClient(base_url=address, timeout=timeout)
+            # ssh:// through the OpenSSH client, as the docker CLI does: ~/.ssh/config and the agent apply.
+            client = docker.DockerClient(base_url=address, timeout=timeout, use_ssh_client=address.startswith("ssh://"))
             client.ping()
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             reason = str(exc).split("(")[0].strip() or type(exc).__name__
@@ -288,8 +289,12 @@ class Engine:
         on_line: Callable[[str], None],
         stop: threading.Event,
         nocache: bool = False,
+        build_args: dict[str, str] | None = None,
     ) -> str:
         """Build a context given as files; stream every log line to on_line; return the image id.
+
+        `build_args` are for Docker's predefined proxy arguments only (http_proxy, no_proxy): the classic
+        builder keeps those out of the image, its history and the cache key.
 
         Raises BuildFailed on an {"error": ...} event, Interrupted if `stop` is set meanwhile.
         """
@@ -297,7 +302,7 @@ class Engine:
         image_id = None
         stream = self.api.build(
             fileobj=buf, custom_context=True, tag=tag, labels=labels, rm=True, forcerm=True, pull=False,
-            network_mode="host", decode=True, nocache=nocache, timeout=BUILD_SILENCE_S,
+            network_mode="host", decode=True, nocache=nocache, timeout=BUILD_SILENCE_S, buildargs=build_args or None,
         )
         try:
             for event in stream:

@@ -1,8 +1,11 @@
 """Build-time package sources: the CA bundle, package indexes, and the caching index that serves builds.
 
-Every file pip fetches for any cell goes through a small caching proxy on 127.0.0.1 (builds use the host
-network, so they reach it). A wheel fetched once is served from the host's cache to every later cell,
-and each proxy counts what it had to fetch upstream, so the summary can show bytes per cell.
+Every file pip fetches for any cell goes through a small caching proxy. Builds use the engine host's
+network, so the proxy listens on 127.0.0.1 for an engine on this machine, and on the one local address
+that routes to the engine's host for a remote engine (never on every address). A wheel fetched once is
+served from the host's cache to every later cell, and each proxy counts what it had to fetch upstream,
+so the summary can show bytes per cell. For a remote engine the same proxy also forwards apt's plain-http
+requests to the base's own mirrors (each .deb cached once): such an engine may have no route out.
 Only the builder stage ever sees these sources: the final stage copies the installed venv and nothing else.
 """
 
@@ -11,16 +14,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import html.parser
+import ipaddress
 import logging
 import os
+import re
 import shutil
+import socket
 import ssl
 import tempfile
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +40,75 @@ log = logging.getLogger("builder")
 
 PYPI = "https://pypi.org/simple"
 CA_ENV = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+LOOPBACK = "127.0.0.1"
+# Engine addresses that name a network peer; any other (unix://, npipe://, fd://) is a socket on this machine.
+NETWORK_SCHEMES = ("tcp", "http", "https", "ssh")
+# Where a base declares its apt mirrors (one-line and deb822 formats).
+APT_SOURCES = ("/etc/apt/sources.list", "/etc/apt/sources.list.d/debian.sources",
+               "/etc/apt/sources.list.d/ubuntu.sources")
+_HTTP_HOST = re.compile(r"\bhttp://([A-Za-z0-9.-]+(?::[0-9]+)?)(?=[/\s]|$)", re.ASCII)
+
+
+def _route(ip: str, port: int) -> str:
+    """This machine's source address for packets to ip:port, as the routing table picks it.
+
+    A UDP connect sends nothing: it only asks the kernel for the route.
+    """
+    family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect((ip, port))
+        return str(sock.getsockname()[0])
+
+
+def _resolve(host: str, port: int) -> str:
+    return str(socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0])
+
+
+def listen_address(engine_address: str, *, resolve: Callable[[str, int], str] = _resolve,
+                   route: Callable[[str, int], str] = _route) -> str:
+    """The address the package proxy listens on so that builds on the engine's host reach it.
+
+    unix://, npipe:// and loopback tcp:// engines share this machine's loopback: 127.0.0.1. For an engine
+    elsewhere (tcp://HOST:PORT, ssh://USER@HOST) it is the local address the route to HOST leaves from:
+    one address, never 0.0.0.0 or ::. Raises SourceError when HOST does not resolve or has no route.
+    """
+    parsed = urllib.parse.urlsplit(engine_address if "://" in engine_address else f"tcp://{engine_address}")
+    if parsed.scheme not in NETWORK_SCHEMES or not parsed.hostname:
+        return LOOPBACK
+    host = parsed.hostname
+    port = parsed.port or (22 if parsed.scheme == "ssh" else 2375)
+    try:
+        ip = resolve(host, port)
+        if ipaddress.ip_address(ip.split("%")[0]).is_loopback:
+            return LOOPBACK
+        local = route(ip, port)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"cannot tell which address of this machine the engine at {engine_address} reaches "
+                          f"({exc}): check that {host} resolves and is routed, or build with --no-proxy") from None
+    if ipaddress.ip_address(local.split("%")[0]).is_unspecified:
+        raise SourceError(f"no local address routes to the engine at {engine_address}: build with --no-proxy")
+    return local
+
+
+def _netloc(netloc: str) -> str:
+    """host[:port] as apt's proxy requests name it: lower case, without the default :80."""
+    netloc = netloc.lower()
+    return netloc[:-3] if netloc.endswith(":80") else netloc
+
+
+def http_url(host: str, port: int) -> str:
+    """http://HOST:PORT, with an IPv6 host in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def apt_hosts(texts: Iterable[str]) -> frozenset[str]:
+    """The plain-http mirror hosts named by apt sources files (either format); comments are skipped."""
+    hosts: set[str] = set()
+    for text in texts:
+        for line in text.splitlines():
+            if not line.lstrip().startswith("#"):
+                hosts.update(_netloc(m) for m in _HTTP_HOST.findall(line))
+    return frozenset(hosts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +221,10 @@ def _untoken(token: str) -> str:
     return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
 
 
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class PackageProxy:
     """A caching proxy of one or more PEP 503 simple indexes, for the builds of one cell.
 
@@ -154,10 +233,13 @@ class PackageProxy:
     """
 
     def __init__(
-        self, upstreams: list[str], cache_dir: Path, context: ssl.SSLContext, links: list[Path] | None = None
+        self, upstreams: list[str], cache_dir: Path, context: ssl.SSLContext, links: list[Path] | None = None,
+        *, host: str = LOOPBACK, apt: frozenset[str] = frozenset(),
     ) -> None:
         self.upstreams = upstreams
         self.links = links or []
+        self.host = host
+        self.apt = apt  # the mirrors (host[:port]) apt may reach through this proxy; empty: no apt route
         self.cache_dir = cache_dir
         self.context = context
         self.upstream_bytes = 0
@@ -169,7 +251,16 @@ class PackageProxy:
     @property
     def url(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return http_url(self.host, self._server.server_address[1])
+
+    def build_args(self) -> dict[str, str]:
+        """Build arguments that send apt through this proxy: Docker's predefined proxy arguments, which are
+        set for RUN steps but kept out of the image, its history and the layer cache key. pip reaches the
+        proxy directly (no_proxy); nothing when the proxy has no apt route.
+        """
+        if not self.apt:
+            return {}
+        return {"http_proxy": self.url, "no_proxy": self.host}
 
     def __enter__(self) -> PackageProxy:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +273,7 @@ class PackageProxy:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("proxy: " + format, *args)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = (_Server6 if ":" in self.host else ThreadingHTTPServer)((self.host, 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
@@ -199,7 +290,9 @@ class PackageProxy:
     def _handle(self, req: BaseHTTPRequestHandler) -> None:
         parts = req.path.split("?")[0].strip("/").split("/")
         try:
-            if len(parts) >= 3 and parts[0].isdigit() and parts[1] == "simple":
+            if req.path.startswith("http://"):
+                self._apt(req, req.path)
+            elif len(parts) >= 3 and parts[0].isdigit() and parts[1] == "simple":
                 self._page(req, int(parts[0]), "/".join(parts[2:]))
             elif len(parts) == 3 and parts[0] == "files":
                 self._file(req, _untoken(parts[1]), parts[2])
@@ -262,10 +355,35 @@ class PackageProxy:
         with path.open("rb") as fh:
             shutil.copyfileobj(fh, req.wfile, 1 << 20)
 
+    def _apt(self, req: BaseHTTPRequestHandler, url: str) -> None:
+        """apt's request as to a forward proxy: only to the base's mirrors, only plain http.
+
+        Files under pool/ never change under one name, so they are cached like wheels; the indexes
+        (dists/) are fetched fresh every time.
+        """
+        parsed = urllib.parse.urlsplit(url)
+        if _netloc(parsed.netloc) not in self.apt or parsed.username or parsed.password:
+            req.send_error(403, "not a mirror of this build's base")
+            return
+        name = parsed.path.rsplit("/", 1)[-1]
+        if "/pool/" in parsed.path and name and not parsed.query:
+            self._cached(req, url, name)
+            return
+        with self._open(url, "*/*") as resp:
+            data = resp.read()
+            kind = resp.headers.get("Content-Type", "application/octet-stream")
+        with self._lock:
+            self.upstream_bytes += len(data)
+        self._send(req, data, kind)
+
     def _file(self, req: BaseHTTPRequestHandler, upstream: str, name: str) -> None:
         base = upstream.rsplit("/", 1)[-1]
         if name != base and name.startswith(base):  # e.g. the PEP 658 `.metadata` beside a wheel
             upstream += name[len(base):]
+        self._cached(req, upstream, name)
+
+    def _cached(self, req: BaseHTTPRequestHandler, upstream: str, name: str) -> None:
+        """`upstream` from the shared cache, downloading it first if this is the first time."""
         key = hashlib.sha256(upstream.encode()).hexdigest()
         path = self.cache_dir / key[:2] / f"{key[2:16]}-{name}"
         if not path.exists():
@@ -288,11 +406,16 @@ class PackageProxy:
 
 
 @contextmanager
-def serve(sources: Sources, primary_index: str | None) -> Iterator[tuple[dict[str, bytes], PackageProxy | None]]:
-    """The sources/ files for one cell's build, with its proxy running while the build runs."""
+def serve(sources: Sources, primary_index: str | None, *, host: str = LOOPBACK,
+          apt: frozenset[str] = frozenset()) -> Iterator[tuple[dict[str, bytes], PackageProxy | None]]:
+    """The sources/ files for one cell's build, with its proxy running on `host` while the build runs.
+
+    `apt`: the mirrors the proxy may forward apt to (see PackageProxy.build_args); empty for none.
+    """
     if not sources.proxy:
         yield sources.context_files(primary_index, None), None
         return
     upstreams = sources.indexes_for(primary_index)
-    with PackageProxy(upstreams, sources.cache_dir, sources.ssl_context(), sources.local_links()) as proxy:
+    with PackageProxy(upstreams, sources.cache_dir, sources.ssl_context(), sources.local_links(), host=host,
+                      apt=apt) as proxy:
         yield sources.context_files(primary_index, proxy.url), proxy

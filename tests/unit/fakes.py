@@ -50,6 +50,7 @@ class FakeEngine:
     containers: set[str] = field(default_factory=set)
     calls: list[tuple[str, Any]] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)
+    builds: list[dict[str, Any]] = field(default_factory=list)  # each build's tag, context files and build args
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ----------------------------------------------------------------------------------- helpers
@@ -102,8 +103,9 @@ class FakeEngine:
         return 0
 
     def build(self, files: dict[str, bytes], *, tag: str, labels: dict[str, str], on_line: Callable[[str], None],
-              stop: threading.Event, nocache: bool = False) -> str:
+              stop: threading.Event, nocache: bool = False, build_args: dict[str, str] | None = None) -> str:
         self.calls.append(("build", tag))
+        self.builds.append({"tag": tag, "files": dict(files), "build_args": dict(build_args or {})})
         cid = f"build-{tag}"
         self.containers.add(cid)  # the classic builder's step container, while the build runs
         try:
