@@ -26,13 +26,13 @@ test-unit: ## the tests that need no engine
 lint: ## ruff, mypy, hadolint on every rendered Dockerfile, actionlint on .github/workflows
 	$(PY) -m ruff check builder tests
 	$(PY) -m mypy
-	rm -rf out/lint && $(PY) -m builder render --out out/lint >/dev/null
+	rm -rf out/lint && mkdir -p out && $(PY) -m builder render --out out/lint >/dev/null
 	find out/lint -name Dockerfile -print0 | xargs -0 -n 50 .venv/bin/hadolint
 	@if [ -x .venv/bin/actionlint ]; then .venv/bin/actionlint -no-color && echo "actionlint: clean"; else echo "actionlint:" \
 	  "not installed (pip install -e '.[actionlint]' fetches its binary from GitHub releases); tests/unit/test_workflow.py dry-runs the workflow"; fi
 
 render: ## write build contexts for SELECT into OUT
-	$(PY) -m builder render $(SELECT) --out $(OUT)
+	mkdir -p $(dir $(OUT)) && $(PY) -m builder render $(SELECT) --out $(OUT)
 
 images: ## build and certify SELECT (default: torch 2.4.1 / CUDA 12.1 / Python 3.11)
 	$(PY) -m builder build $(SELECT)
