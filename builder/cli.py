@@ -282,7 +282,8 @@ def _certify_flags(parser: argparse.ArgumentParser) -> None:
 def cmd_base(args: argparse.Namespace) -> int:
     bases = {c.base.image: c.base for c in select_cells(args) if not args.names or c.base.name in args.names}
     if args.names and not bases:
-        raise UsageError(f"{args.matrix}: no selected cell uses base {', '.join(args.names)}")
+        raise UsageError(f"{printable(str(args.matrix))}: no selected cell uses base "
+                         f"{printable(', '.join(args.names), 200)}")
     engine = Engine.connect()
     rows, failed = [], 0
     for image, base in sorted(bases.items()):
@@ -527,8 +528,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BuilderError as exc:
         if args.debug:
             log.exception("failed")
+        matrix_file = printable(str(args.matrix), None)
         for line in exc.lines():
-            print(f"error: {line}" if not line.startswith(str(args.matrix)) else line, file=sys.stderr)
+            # Every line escaped and cut here too, whichever module wrote it: one problem, one terminal line.
+            shown = printable(line, 2000)
+            print(shown if shown.startswith(matrix_file) else f"error: {shown}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -288,3 +288,16 @@ def test_hostile_selector_values_end_in_one_clean_line(no_engine, capsys, flag, 
     if code == 2 and flag != "--flavor":
         (line,) = err.strip().splitlines()
         assert line.startswith(("error: ", MATRIX)) and "\x1b" not in line and "\r" not in line and len(line) < 1000, line
+
+
+@pytest.mark.parametrize("argv", [
+    ["base", "deb\x1bian\n12"],
+    ["matrix", "--shard", "1/\x1b[2J"],
+    ["render", "--out", "/nonexistent/\x1b[2J\u2028/out"],
+    ["certify", "--gpus", "\x1b[31m"],
+])
+def test_every_error_line_is_escaped_whoever_wrote_it(no_engine, capsys, argv):
+    assert main(["--matrix", MATRIX, *argv]) == 2
+    err = capsys.readouterr().err
+    (line,) = err.strip().splitlines()
+    assert "\x1b" not in line and "\u2028" not in line, line
