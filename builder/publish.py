@@ -185,7 +185,8 @@ def push_cells(engine: Engine, cells: list[Cell], state: State, registry_name: s
         except RegistryError as exc:
             results.append(PushResult(cell=cell, status="failed", seconds=time.monotonic() - started,
                                       detail=str(exc)))
-        log.info("%s: %s: %s", cell.tag, results[-1].status, results[-1].detail)
+        if results[-1].ok:  # a failure is said once, as the error line
+            log.info("%s: %s: %s", cell.tag, results[-1].status, results[-1].detail)
     return results
 
 
@@ -349,7 +350,8 @@ def pull_cells(engine: Engine, cells: list[Cell], state: State, registry_name: s
                                     recertify=recertify, certify_options=certify_options))
         except BuilderError as exc:
             results.append(PullResult(cell=cell, status="failed", detail=str(exc)))
-        log.info("%s: %s: %s", cell.tag, results[-1].status, results[-1].detail)
+        if results[-1].ok:  # a failure is said once, as the error line
+            log.info("%s: %s: %s", cell.tag, results[-1].status, results[-1].detail)
     return results
 
 

@@ -40,7 +40,8 @@ T = TypeVar("T")
 # What a message from the engine's push stream or from a registry says, and whether to try again.
 # Order matters: the first pattern that matches decides.
 _KINDS: tuple[tuple[str, bool, str], ...] = (
-    (r"connection refused|no such host|no route to host|network is unreachable|cannot assign requested",
+    (r"connection refused|no such host|name or service not known|no route to host|network is unreachable|"
+     r"cannot assign requested",
      False, "nothing answers at {registry} ({detail}): start the registry, or fix the host:port in --registry"),
     (r"no basic auth credentials|authentication required|unauthorized|status 401|\b401\b",
      False, "{registry} requires a login: run `docker login {registry}` (builder reads credentials only from "
@@ -58,8 +59,13 @@ _KINDS: tuple[tuple[str, bool, str], ...] = (
 
 def classify(message: str, registry: str, what: str = "the request") -> RegistryError:
     """One clear line for a registry failure, marked retryable for resets, timeouts and 5xx answers."""
-    detail = " ".join(message.split())[:200]
-    low = detail.lower()
+    full = " ".join(message.split())
+    known = re.search(r"connection refused|name or service not known|no route to host|connection reset by peer|"
+                      r"remote end closed connection without response|read timed out|connect timeout|"
+                      r"method not allowed|requested access to the resource is denied|authentication required",
+                      full, re.I)
+    detail = known[0].lower() if known else full[:200]  # urllib3's wrapping adds nothing a person needs
+    low = full.lower()
     for pattern, retryable, template in _KINDS:
         if re.search(pattern, low):
             return RegistryError(template.format(registry=registry, what=what, detail=detail), retryable)

@@ -246,3 +246,13 @@ def test_bad_aliases_are_file_line_errors(tmp_path: Path) -> None:
     assert any(line.startswith(f"{path}:{n + 3}: aliases.0.tag: ") and "would name" in line for line in lines), lines
     assert any(line.startswith(f"{path}:{n + 5}: aliases.1.tag: ") and "unknown placeholder" in line
                for line in lines), lines
+
+
+def test_a_refused_connection_is_named_even_inside_a_long_urllib3_message() -> None:
+    message = ("HTTPConnectionPool(host='127.0.0.1', port=5999): Max retries exceeded with url: /v2/ (Caused by "
+               "NewConnectionError('<urllib3.connection.HTTPConnection object at 0x7f0c3c1d2d50>: Failed to "
+               "establish a new connection: [Errno 111] Connection refused'))")
+    err = classify(message, "127.0.0.1:5999", "the API check")
+    assert str(err) == ("nothing answers at 127.0.0.1:5999 (connection refused): start the registry, or fix the "
+                        "host:port in --registry")
+    assert not err.retryable
