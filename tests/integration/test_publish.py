@@ -87,8 +87,20 @@ class Registry:
 
 @pytest.fixture(scope="module")
 def registry(registry_image: str) -> Iterator[Registry]:
-    with Registry(registry_image) as reg:
+    """The registry of the round trip: htpasswd auth, so the round trip also proves the Docker-config login."""
+    with Registry(registry_image, "auth") as reg:
         yield reg
+
+
+@pytest.fixture(scope="module")
+def login(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A Docker config logged in to `registry` by `docker login`, the only writer of credentials here."""
+    config = tmp_path_factory.mktemp("docker-config")
+    env = {"DOCKER_CONFIG": str(config)}
+    proc = subprocess.run(["docker", "login", "-u", USER, "--password-stdin", registry.address], input=PASSWORD,
+                          text=True, capture_output=True, env={**os.environ, **env}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +130,10 @@ def registry_names(engine: Engine, address: str) -> list[str]:
     return [t for img in engine.api.images() for t in img.get("RepoTags") or [] if t.startswith(address)]
 
 
-def test_round_trip(engine: Engine, work: Work, registry: Registry, certified: dict) -> None:
+def test_round_trip(engine: Engine, work: Work, registry: Registry, login: dict[str, str], certified: dict) -> None:
     reg = registry.address
     started = time.monotonic()
-    proc = run(work, "push", *TF_CPU, "--registry", f"{reg}/team")
+    proc = run(work, "push", *TF_CPU, "--registry", f"{reg}/team", env=login)
     first = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
     assert "pushed" in proc.stdout
@@ -137,18 +149,19 @@ def test_round_trip(engine: Engine, work: Work, registry: Registry, certified: d
     path = repo.split("/", 1)[1]
     immutable = next(t for t in record.tags if t.startswith("src-"))
     accept = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
-    got = requests.get(f"http://{reg}/v2/{path}/manifests/{immutable}", headers=accept, timeout=10)
+    auth = (USER, PASSWORD)
+    got = requests.get(f"http://{reg}/v2/{path}/manifests/{immutable}", headers=accept, auth=auth, timeout=10)
     assert got.headers["Docker-Content-Digest"] == record.digest
     cert_tag = "sha256-" + record.digest.split(":")[1] + ".cert"
     art = requests.get(f"http://{reg}/v2/{path}/manifests/{cert_tag}",
-                       headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}, timeout=10).json()
+                       headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}, auth=auth, timeout=10).json()
     assert art["subject"]["digest"] == record.digest
-    blob = requests.get(f"http://{reg}/v2/{path}/blobs/{art['layers'][0]['digest']}", timeout=10).json()
+    blob = requests.get(f"http://{reg}/v2/{path}/blobs/{art['layers'][0]['digest']}", auth=auth, timeout=10).json()
     assert blob == certified
 
     # a second push of the same image is a no-op, and says so
     started = time.monotonic()
-    again = run(work, "push", *TF_CPU, "--registry", f"{reg}/team")
+    again = run(work, "push", *TF_CPU, "--registry", f"{reg}/team", env=login)
     noop = time.monotonic() - started
     assert again.returncode == 0 and "unchanged" in again.stdout, again.stdout + again.stderr
     assert work.store.read_publish(TF_CPU_TAG).noop
@@ -157,21 +170,22 @@ def test_round_trip(engine: Engine, work: Work, registry: Registry, certified: d
     # remove every local image of the cell; resolve asks the registry alone
     work.cli("clean", *TF_CPU, check=True)
     assert engine.image(TF_CPU_TAG) is None
-    text = run(work, "resolve", *TF_CPU, "--registry", f"{reg}/team")
+    text = run(work, "resolve", *TF_CPU, "--registry", f"{reg}/team", env=login)
     assert text.returncode == 0, text.stderr
     assert text.stdout.strip() == record.reference
-    js = json.loads(run(work, "resolve", *TF_CPU, "--registry", f"{reg}/team", "--format", "json").stdout)
+    js = json.loads(run(work, "resolve", *TF_CPU, "--registry", f"{reg}/team", "--format", "json", env=login).stdout)
     assert js == [{"tag": TF_CPU_TAG, "reference": record.reference, "level": "cpu-verified",
                    "certificate": certified["digest"]}]
-    env = run(work, "resolve", *TF_CPU, "--registry", f"{reg}/team", "--format", "env").stdout.strip()
+    env = run(work, "resolve", *TF_CPU, "--registry", f"{reg}/team", "--format", "env", env=login).stdout.strip()
     assert env == f"BUILDER_IMAGE_TENSORFLOW_2_18_0_CPU_PY3_11_RUNTIME_DEBIAN12={record.reference}"
     # the reference is one that `docker pull` accepts
-    subprocess.run(["docker", "pull", "-q", record.reference], check=True, capture_output=True, timeout=600)
+    subprocess.run(["docker", "pull", "-q", record.reference], check=True, capture_output=True, timeout=600,
+                   env={**os.environ, **login})
     subprocess.run(["docker", "rmi", record.reference], check=True, capture_output=True)
 
     # pull by digest into a state that never saw the cell, checks the labels against the certificate
     elsewhere = work.root / "elsewhere"
-    pulled = run(work, "pull", *TF_CPU, "--registry", f"{reg}/team", state=elsewhere)
+    pulled = run(work, "pull", *TF_CPU, "--registry", f"{reg}/team", state=elsewhere, env=login)
     assert pulled.returncode == 0, pulled.stderr
     assert "verified" in pulled.stdout
     info = engine.image(TF_CPU_TAG)
@@ -179,14 +193,16 @@ def test_round_trip(engine: Engine, work: Work, registry: Registry, certified: d
     assert info.labels[HASH] == certified["image"]["content_hash"] and info.labels[LEVEL] == "cpu-verified"
     assert State(elsewhere).read_certificate(TF_CPU_TAG) == certified
     # and --recertify runs the smoke test again on the pulled image: the same level and checks
-    recert = run(work, "pull", *TF_CPU, "--registry", f"{reg}/team", "--recertify", state=elsewhere)
+    recert = run(work, "pull", *TF_CPU, "--registry", f"{reg}/team", "--recertify", state=elsewhere, env=login)
     assert recert.returncode == 0, recert.stderr
     assert "recertified" in recert.stdout
     assert engine.image(TF_CPU_TAG).id == info.id  # the scratch stamp of the re-run is not kept
+    for path in [*work.state.rglob("*"), *elsewhere.rglob("*")]:  # the tool wrote no credential anywhere
+        assert not path.is_file() or PASSWORD not in path.read_text(errors="replace"), path
 
 
 def test_uncertified_and_mismatched_certificates_are_refused(engine: Engine, work: Work, registry: Registry,
-                                                             certified: dict) -> None:
+                                                             login: dict[str, str], certified: dict) -> None:
     if engine.image(TF_CPU_TAG) is None or engine.image(TF_CPU_TAG).labels.get(CERT_DIGEST) != certified["digest"]:
         work.cli("build", *TF_CPU, check=True)
         work.cli("certify", *TF_CPU, "--force", check=True)
@@ -194,17 +210,18 @@ def test_uncertified_and_mismatched_certificates_are_refused(engine: Engine, wor
     reg = f"{registry.address}/refused"
     # no certificate at all
     empty = work.root / "no-certificates"
-    proc = run(work, "push", *TF_CPU, "--registry", reg, state=empty)
+    proc = run(work, "push", *TF_CPU, "--registry", reg, state=empty, env=login)
     assert proc.returncode == 8
     assert "no certificate" in one_clean_line(proc)
     assert State(empty).read_publish(TF_CPU_TAG) is None
     # a certificate edited after certify
     changed = work.root / "changed"
     shutil.copytree(work.state, changed)
+    shutil.rmtree(changed / "publish", ignore_errors=True)  # the round trip's receipts are not this test's
     cert = State(changed).read_certificate(TF_CPU_TAG)
     cert["level"] = "gpu-certified"
     State(changed).write_certificate(TF_CPU_TAG, cert)
-    proc = run(work, "push", *TF_CPU, "--registry", reg, state=changed)
+    proc = run(work, "push", *TF_CPU, "--registry", reg, state=changed, env=login)
     assert proc.returncode == 8 and "was changed after certify" in one_clean_line(proc)
     # a certificate that is sound but not the one on the image
     from builder.certify import digest
@@ -212,24 +229,25 @@ def test_uncertified_and_mismatched_certificates_are_refused(engine: Engine, wor
     cert = dict(certified, time="2000-01-01T00:00:00Z")
     cert["digest"] = digest(cert)
     State(changed).write_certificate(TF_CPU_TAG, cert)
-    proc = run(work, "push", *TF_CPU, "--registry", reg, state=changed)
+    proc = run(work, "push", *TF_CPU, "--registry", reg, state=changed, env=login)
     assert proc.returncode == 8 and "changed since certify" in one_clean_line(proc)
     # below the required level
-    proc = run(work, "push", *TF_CPU, "--registry", reg, "--require", "gpu-certified")
+    proc = run(work, "push", *TF_CPU, "--registry", reg, "--require", "gpu-certified", env=login)
     assert proc.returncode == 8 and "below the required gpu-certified" in one_clean_line(proc)
     for state in (empty, changed):
         assert State(state).read_publish(TF_CPU_TAG) is None
     # nothing reached the registry, and no registry-named tag is left here
-    tags = requests.get(f"http://{registry.address}/v2/refused/{TF_CPU_TAG.rsplit(':', 1)[0]}/tags/list", timeout=10)
+    tags = requests.get(f"http://{registry.address}/v2/refused/{TF_CPU_TAG.rsplit(':', 1)[0]}/tags/list", auth=(USER, PASSWORD),
+                        timeout=10)
     assert tags.status_code == 404
     assert registry_names(engine, registry.address) == []
     # --allow-uncertified pushes, says so, and records nothing
-    proc = run(work, "push", *TF_CPU, "--registry", reg, "--allow-uncertified", state=empty)
+    proc = run(work, "push", *TF_CPU, "--registry", reg, "--allow-uncertified", state=empty, env=login)
     assert proc.returncode == 0, proc.stderr
     assert "--allow-uncertified: pushing anyway" in proc.stderr
     assert State(empty).read_publish(TF_CPU_TAG) is None
     # and resolve will not hand out an image without its certificate
-    proc = run(work, "resolve", *TF_CPU, "--registry", reg)
+    proc = run(work, "resolve", *TF_CPU, "--registry", reg, env=login)
     assert proc.returncode == 1 and proc.stdout.strip() == ""
     assert "pushed uncertified" in one_clean_line(proc)
 
@@ -241,7 +259,7 @@ def free_port() -> int:
 
 
 def test_registry_faults_give_one_line_and_record_nothing(engine: Engine, work: Work, registry_image: str,
-                                                          certified: dict, tmp_path: Path) -> None:
+                                                          registry: Registry, certified: dict, tmp_path: Path) -> None:
     if engine.image(TF_CPU_TAG) is None or engine.image(TF_CPU_TAG).labels.get(CERT_DIGEST) != certified["digest"]:
         work.cli("build", *TF_CPU, check=True)
         work.cli("certify", *TF_CPU, "--force", check=True)
@@ -256,12 +274,13 @@ def test_registry_faults_give_one_line_and_record_nothing(engine: Engine, work: 
     cases.append(("stopped", address, no_login, "nothing answers at"))
     # a port where nothing listens
     cases.append(("wrong port", f"127.0.0.1:{free_port()}", no_login, "nothing answers at"))
-    with Registry(registry_image, "auth") as auth, Registry(registry_image, "readonly") as readonly:
-        cases.append(("no login", auth.address, no_login, "requires a login: run `docker login"))
+    cases.append(("no login", registry.address, no_login, "requires a login: run `docker login"))
+    with Registry(registry_image, "readonly") as readonly:
         cases.append(("read-only", readonly.address, no_login, "refuses writes"))
         for name, address, env, words in cases:
             state = tmp_path / name
             shutil.copytree(work.state, state)
+            shutil.rmtree(state / "publish", ignore_errors=True)
             before = json.loads(State(state).index_path.read_text())
             started = time.monotonic()
             proc = run(work, "push", *TF_CPU, "--registry", address, state=state, env=env)
@@ -272,17 +291,3 @@ def test_registry_faults_give_one_line_and_record_nothing(engine: Engine, work: 
             assert State(state).read_publish(TF_CPU_TAG) is None, name
             assert json.loads(State(state).index_path.read_text()) == before, name
             assert registry_names(engine, address) == [], name
-        # the same auth registry with a login (made by `docker login`, which alone writes credentials) works
-        login = subprocess.run(["docker", "login", "-u", USER, "--password-stdin", auth.address], input=PASSWORD,
-                               text=True, capture_output=True, env={**os.environ, **no_login}, timeout=60)
-        assert login.returncode == 0, login.stderr
-        state = tmp_path / "login"
-        shutil.copytree(work.state, state)
-        proc = run(work, "push", *TF_CPU, "--registry", auth.address, state=state, env=no_login)
-        assert proc.returncode == 0, proc.stderr
-        record = State(state).read_publish(TF_CPU_TAG)
-        assert record is not None
-        for path in state.rglob("*"):  # the tool wrote no credential anywhere
-            assert not path.is_file() or PASSWORD not in path.read_text(errors="replace"), path
-        resolved = run(work, "resolve", *TF_CPU, "--registry", auth.address, env=no_login)
-        assert resolved.stdout.strip() == record.reference, resolved.stderr
