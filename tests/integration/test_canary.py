@@ -217,6 +217,9 @@ def test_no_build_time_source_reaches_the_image(engine, work, tmp_path):
     info = engine.image(TAG)
     assert info is not None
     needles = {k: [v.encode()] for k, v in canary.items()}
+    # A control that IS in the image (cell.json's layer, the labels, the LABEL step, the SBOM's image
+    # properties): the scan must find it everywhere, or a 0 below would prove nothing.
+    needles["control"] = [TAG.encode()]
     for user, password in (("indexuser", "indexpass"), ("extrauser", "extrapass")):  # as an Authorization header
         needles[user].append(base64.b64encode(f"{canary[user]}:{canary[password]}".encode()))
     started = time.monotonic()
@@ -232,9 +235,13 @@ def test_no_build_time_source_reaches_the_image(engine, work, tmp_path):
         for name, n in count_in(data, needles).items():
             if n:
                 found[name].append(f"{label} ({n})")
+    control = found.pop("control")
+    assert [w for w in control if w.endswith(".tar (1)") or "layer" in w or "blobs" in w], control
+    assert {w.split(" ")[0] for w in control} >= {"config", "history", "sbom"}, control
     leaks = {name: where for name, where in found.items() if where}
     print(f"\ncanary scan: build {build_s:.0f} s; {saved['layers']} layers, {saved['bytes'] / 1e6:,.0f} MB saved "
           f"image, config, history and SBOM ({counts['python']} Python, {counts['deb']} deb components) searched "
-          f"for {len(needles)} canaries in {scan_s:.0f} s: {sum(len(w) for w in leaks.values())} hit(s) {leaks}")
+          f"for {len(needles) - 1} canaries in {scan_s:.0f} s: {sum(len(w) for w in leaks.values())} hit(s) {leaks}; "
+          f"the control found in {control}")
     assert saved["layers"] > 0 and saved["bytes"] > 100_000_000
     assert leaks == {}
