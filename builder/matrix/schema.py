@@ -80,6 +80,10 @@ class BaseSpec(Strict):
             raise ValueError("give exactly one of 'image' or 'nvidia_cuda'")
         if self.nvidia_cuda is not None and self.bootstrap is not None:
             raise ValueError("an nvidia_cuda base cannot be bootstrapped with debootstrap")
+        if self.bootstrap is not None and self.image is not None and "@" in self.image:
+            # A bootstrapped image has no registry digest, so the pin could never hold for it.
+            raise ValueError("a digest-pinned image cannot be bootstrapped (a bootstrapped base has no registry "
+                             "digest): drop the @sha256 pin or the bootstrap")
         return self
 
 
