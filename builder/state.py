@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,12 +25,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder import tags
+
 LEVELS = ("failed", "cpu-verified", "gpu-certified")  # in rising order
 
 
 def safe_name(tag: str) -> str:
-    """A tag as a file name: every character outside [A-Za-z0-9._-] becomes `_`."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", tag)
+    """A tag as a file name: every character outside [A-Za-z0-9._-] becomes `_` (builder.tags.file_name)."""
+    return tags.file_name(tag)
 
 
 def write_json(path: Path, data: Any) -> None:
