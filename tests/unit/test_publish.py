@@ -9,12 +9,14 @@ from typing import Any
 import pytest
 
 from builder import tags
-from builder.engine import Engine
+from builder.certify import digest as cert_digest
+from builder.engine import CERT_DIGEST, HASH, LEVEL, Engine, ImageInfo
 from builder.errors import MatrixError, RegistryError
 from builder.matrix import expand, load_matrix
 from builder.matrix.aliases import assign
-from builder.publish import compare_certificates, env_key, verify_certificate
-from builder.registry import cert_tag, classify, is_loopback, split_reference, with_retries
+from builder.publish import compare_certificates, env_key, push_one, target, verify_certificate
+from builder.registry import Manifest, cert_tag, classify, is_loopback, split_reference, with_retries
+from builder.state import State
 
 REG = "127.0.0.1:5000"
 
@@ -176,8 +178,7 @@ def test_references_and_cosign_tag() -> None:
 
 
 def certificate(level: str = "cpu-verified") -> dict[str, Any]:
-    from builder.certify import digest
-
+    digest = cert_digest
     cert: dict[str, Any] = {"level": level, "image": {"id": "sha256:i", "content_hash": "h" * 64},
                             "checks": [{"name": "train.cpu.mlp", "status": "pass"}, {"name": "gpu", "status": "skip"}]}
     cert["digest"] = digest(cert)
@@ -185,7 +186,7 @@ def certificate(level: str = "cpu-verified") -> dict[str, Any]:
 
 
 def test_verify_certificate_against_labels() -> None:
-    from builder.engine import CERT_DIGEST, HASH, LEVEL, TAG
+    from builder.engine import TAG
 
     cert = certificate()
     labels = {CERT_DIGEST: cert["digest"], LEVEL: "cpu-verified", HASH: "h" * 64, TAG: "b/tf:1"}
@@ -256,3 +257,151 @@ def test_a_refused_connection_is_named_even_inside_a_long_urllib3_message() -> N
     assert str(err) == ("nothing answers at 127.0.0.1:5999 (connection refused): start the registry, or fix the "
                         "host:port in --registry")
     assert not err.retryable
+
+
+# ------------------------------------------------------------------- push orchestration, with fakes
+
+CELL_TAG = "builder/tensorflow:2.18.0-cpu-py3.11-runtime-debian12"
+IMAGE_DIGEST = "sha256:" + "9" * 64
+
+
+class PushEngine:
+    """The engine's push side: names, pushes (or a failure), and the repo digests a push leaves."""
+
+    def __init__(self, cert: dict[str, Any], fail: RegistryError | None = None) -> None:
+        self.info = ImageInfo(id="sha256:stamped", tags=(CELL_TAG,), size=1, user="", env=(), parent="sha256:tested",
+                              created="", labels={CERT_DIGEST: cert["digest"], LEVEL: cert["level"],
+                                                  HASH: cert["image"]["content_hash"]})
+        self.fail = fail
+        self.names: set[str] = set()
+        self.pushes: list[str] = []
+        self.digests: tuple[str, ...] = ()
+
+    def image(self, ref: str) -> ImageInfo | None:
+        return self.info if ref in (CELL_TAG, self.info.id) else None
+
+    def tag(self, image_id: str, ref: str) -> None:
+        self.names.add(ref)
+
+    def untag(self, ref: str) -> None:
+        self.names.discard(ref)
+
+    def repo_digests(self, ref: str) -> tuple[str, ...]:
+        return self.digests
+
+    def push(self, ref: str) -> str:
+        self.pushes.append(ref)
+        if self.fail is not None:
+            raise self.fail
+        self.digests = (f"{ref.rsplit(':', 1)[0]}@{IMAGE_DIGEST}",)
+        return IMAGE_DIGEST
+
+
+class FakeRegistry:
+    def __init__(self, fail_certificate: bool = False) -> None:
+        self.tags: dict[str, str] = {}
+        self.certs: dict[str, dict[str, Any]] = {}
+        self.fail_certificate = fail_certificate
+
+    def manifest(self, repo: str, reference: str) -> Manifest | None:
+        digest = reference if reference.startswith("sha256:") else self.tags.get(reference)
+        return Manifest(digest=digest, media_type="m", body=b"{}") if digest else None
+
+    def certificate(self, repo: str, image_digest: str) -> tuple[dict[str, Any], str] | None:
+        cert = self.certs.get(image_digest)
+        return (cert, "sha256:art") if cert else None
+
+    def push_certificate(self, repo: str, image: Manifest, body: bytes, created: str) -> tuple[str, str]:
+        if self.fail_certificate:
+            raise RegistryError("127.0.0.1:5000 failed during pushing x (status 500)", True)
+        import json as _json
+
+        self.certs[image.digest] = _json.loads(body)
+        return cert_tag(image.digest), "sha256:art"
+
+
+def certified_state(tmp_path: Path) -> tuple[State, dict[str, Any]]:
+    state = State(tmp_path)
+    cert: dict[str, Any] = {"level": "cpu-verified", "time": "t", "checks": [],
+                            "image": {"id": "sha256:tested", "tag": CELL_TAG, "content_hash": "c" * 64}}
+    cert["digest"] = cert_digest(cert)
+    state.write_certificate(CELL_TAG, cert)
+    state.index_certificate(CELL_TAG, cert)
+    return state, cert
+
+
+def dest() -> Any:
+    cell = SimpleNamespace(tag=CELL_TAG)
+    return target(cell, "127.0.0.1:5000/team")  # type: ignore[arg-type]
+
+
+def fake_push(engine: PushEngine, registry: FakeRegistry, state: State) -> Any:
+    # registry.tags follows each push, as a real registry would
+    real_push = engine.push
+
+    def push(ref: str) -> str:
+        got = real_push(ref)
+        registry.tags[ref.rsplit(":", 1)[1]] = got
+        return got
+
+    engine.push = push  # type: ignore[method-assign]
+    return push_one(engine, registry, state, dest(), require="cpu-verified",  # type: ignore[arg-type]
+                    allow_uncertified=False)
+
+
+def test_push_records_the_digest_beside_the_certificate(tmp_path: Path) -> None:
+    state, cert = certified_state(tmp_path)
+    engine, registry = PushEngine(cert), FakeRegistry()
+    result = fake_push(engine, registry, state)
+    assert result.status == "pushed"
+    record = state.read_publish(CELL_TAG)
+    assert record is not None and record.digest == IMAGE_DIGEST and not record.noop
+    assert record.reference == f"127.0.0.1:5000/team/builder/tensorflow@{IMAGE_DIGEST}"
+    assert record.tags[0] == "2.18.0-cpu-py3.11-runtime-debian12" and record.tags[1].startswith("src-")
+    assert state.index()[CELL_TAG].published.digest == IMAGE_DIGEST  # type: ignore[union-attr]
+    assert state.read_certificate(CELL_TAG) == cert  # never inside the certificate
+    assert registry.certs[IMAGE_DIGEST] == cert
+    assert engine.names == set()  # the registry's names were dropped after the push
+
+
+def test_a_second_push_of_the_same_image_is_a_no_op(tmp_path: Path) -> None:
+    state, cert = certified_state(tmp_path)
+    engine, registry = PushEngine(cert), FakeRegistry()
+    fake_push(engine, registry, state)
+    pushes = len(engine.pushes)
+    again = fake_push(engine, registry, state)
+    assert again.status == "unchanged" and "already in the registry" in again.detail
+    assert len(engine.pushes) == pushes  # nothing was sent
+    assert state.read_publish(CELL_TAG).noop  # type: ignore[union-attr]
+
+
+def test_a_failed_push_records_nothing_and_leaves_no_names(tmp_path: Path) -> None:
+    state, cert = certified_state(tmp_path)
+    engine = PushEngine(cert, fail=RegistryError("127.0.0.1:5000 denied the push", False))
+    with pytest.raises(RegistryError, match="denied"):
+        fake_push(engine, FakeRegistry(), state)
+    assert state.read_publish(CELL_TAG) is None and state.index()[CELL_TAG].published is None
+    assert engine.names == set() and len(engine.pushes) == 1  # a 4xx is not retried
+
+
+def test_a_failed_certificate_push_records_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("builder.registry.time.sleep", lambda s: None)
+    state, cert = certified_state(tmp_path)
+    with pytest.raises(RegistryError):
+        fake_push(PushEngine(cert), FakeRegistry(fail_certificate=True), state)
+    assert state.read_publish(CELL_TAG) is None and state.index()[CELL_TAG].published is None
+
+
+def test_an_image_whose_label_is_not_its_certificate_is_refused(tmp_path: Path) -> None:
+    from builder.errors import NotCertified
+
+    state, cert = certified_state(tmp_path)
+    engine = PushEngine(cert)
+    engine.info = ImageInfo(**{**engine.info.__dict__, "labels": {CERT_DIGEST: "sha256:other"}})
+    with pytest.raises(NotCertified, match="changed since certify"):
+        fake_push(engine, FakeRegistry(), state)
+    engine = PushEngine(cert)
+    engine.info = ImageInfo(**{**engine.info.__dict__, "parent": "sha256:someone-else"})
+    with pytest.raises(NotCertified, match="not stamped on the tested image"):
+        fake_push(engine, FakeRegistry(), state)
+    assert engine.pushes == [] and state.read_publish(CELL_TAG) is None
