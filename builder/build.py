@@ -43,6 +43,7 @@ class BuildOptions:
     force: bool = False
     fail_fast: bool = False
     keep_cache: bool = False
+    no_layer_cache: bool = False  # --no-cache: the engine reuses no layer (a cold build)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,18 +170,21 @@ def _build_one(
 
         try:
             image_id = engine.build({**context.files, **src}, tag=cell.tag, labels=labels, on_line=on_line,
-                                    stop=stop, build_args=proxy.build_args() if proxy else None)
+                                    stop=stop, build_args=proxy.build_args() if proxy else None,
+                                    nocache=options.no_layer_cache)
         except BuildFailed as exc:
             raise BuildFailed(str(exc), tail, str(log_path)) from None
         upstream = proxy.upstream_bytes if proxy else 0
         cached = proxy.cached_bytes if proxy else 0
+        fetched_files = dict(proxy.fetched) if proxy else {}
     info = engine.image(image_id)
     seconds = time.monotonic() - started
     lock = engine.read_file(image_id, "/opt/venv/requirements.lock") or b""
     record: dict[str, Any] = {
         "tag": cell.tag, "image_id": image_id, "content_hash": context.content_hash, "created": created,
         "seconds": round(seconds, 1), "size": info.size if info else 0, "upstream_bytes": upstream,
-        "cached_bytes": cached, "lock": lock.decode().split(), "cell": cell.claims(), "tool": __version__,
+        "cached_bytes": cached, "fetched_files": fetched_files, "lock": lock.decode().split(), "cell": cell.claims(),
+        "tool": __version__,
     }
     state.write_record(cell.tag, record)
     return BuildResult(cell=cell, status="built", seconds=seconds, image_id=image_id, size=int(record["size"]),

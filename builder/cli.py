@@ -16,19 +16,19 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from builder import __version__, doctor, facts, publish, shard, tags
-from builder.bases import ensure_base
-from builder.build import BuildOptions, BuildResult, build_cells
-from builder.certify import CertifyOptions, CertifyResult, certify_cells
-from builder.engine import MANAGED, TAG, Engine
+from builder import __version__, tags
 from builder.errors import BaseImageError, BuilderError, NotCertified, RegistryError, UsageError
 from builder.matrix import Cell, Rejection, Selection, expand, load_matrix, no_match
 from builder.matrix.model import printable
-from builder.render import check_out, render, write_contexts
-from builder.sources import Sources
-from builder.state import State
+
+if TYPE_CHECKING:
+    from builder.build import BuildResult
+    from builder.certify import CertifyOptions, CertifyResult
+
+# Each command imports the stages it needs inside its own function: the Docker SDK, rich, Jinja2, the SBOM
+# and registry code cost about half a second to import, which an up-to-date `build` must not pay.
 
 log = logging.getLogger("builder")
 
@@ -141,6 +141,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         raise UsageError(f"{printable(str(args.matrix))}: no cell matches the selectors: "
                          f"{no_match(sel, expand(matrix)[0])}")
     if args.shard:
+        from builder import shard
+        from builder.state import State
+
         k, n = shard.parse_shard(args.shard)
         state = State(Path(args.state))
         cells = shard.partition(cells, n, state)[k - 1]
@@ -180,6 +183,8 @@ def _explain(fmt: str, dropped: list[Rejection]) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from builder.render import check_out, render, write_contexts
+
     cells = select_cells(args)
     out = check_out(args.out)  # before anything is written
     contexts = [render(cell) for cell in cells]
@@ -223,13 +228,17 @@ def build_summary(results: list[BuildResult]) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from builder.build import BuildOptions, build_cells
+    from builder.engine import Engine
+    from builder.sources import Sources
+
     cells = select_cells(args)
     sources = Sources.from_env(ca_bundle=args.ca_bundle, index_url=args.index_url,
                                extra_index_urls=args.extra_index_url, find_links=args.find_links,
                                cache_dir=args.cache_dir, proxy=not args.no_proxy)
     engine = Engine.connect()
     options = BuildOptions(state_dir=Path(args.state), sources=sources, jobs=args.jobs, force=args.force,
-                           fail_fast=args.fail_fast)
+                           fail_fast=args.fail_fast, no_layer_cache=args.no_cache)
     log.info("building %d cell(s) with %d job(s) on %s", len(cells), args.jobs, engine.address)
     results = build_cells(engine, cells, options)
     for r in results:
@@ -251,6 +260,8 @@ def certify_summary(results: list[CertifyResult]) -> str:
 
 
 def _certify_options(args: argparse.Namespace) -> CertifyOptions:
+    from builder.certify import CertifyOptions
+
     gpus = args.gpus
     if gpus not in ("auto", "all", "none") and not (gpus.isascii() and gpus.isdigit() and 0 < int(gpus) < 1000):
         raise UsageError(f"--gpus {gpus}: use auto, all, none or a number of GPUs (1 or more)")
@@ -259,6 +270,9 @@ def _certify_options(args: argparse.Namespace) -> CertifyOptions:
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
+    from builder.certify import certify_cells
+    from builder.engine import Engine
+
     cells = select_cells(args)
     options = _certify_options(args)
     engine = Engine.connect()
@@ -280,6 +294,9 @@ def _certify_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
+    from builder.bases import ensure_base
+    from builder.engine import Engine
+
     bases = {c.base.image: c.base for c in select_cells(args) if not args.names or c.base.name in args.names}
     if args.names and not bases:
         raise UsageError(f"{printable(str(args.matrix))}: no selected cell uses base "
@@ -299,10 +316,14 @@ def cmd_base(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from builder import doctor
+
     return doctor.main(select_cells(args), state_dir=Path(args.state), registry=args.registry, fmt=args.format)
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
+    from builder.engine import MANAGED, TAG, Engine
+
     cells = select_cells(args)
     engine = Engine.connect()
     containers = engine.remove_containers(MANAGED, running=False)
@@ -313,6 +334,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_facts(args: argparse.Namespace) -> int:
+    from builder import facts
+    from builder.sources import Sources
+
     matrix = load_matrix(args.matrix)
     sources = Sources.from_env(ca_bundle=args.ca_bundle, index_url=args.index_url)
     sel = selection(args)
@@ -355,6 +379,10 @@ def _publish_exit(results: list[Any], refused: str = "refused") -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from builder import publish
+    from builder.engine import Engine
+    from builder.state import State
+
     cells = select_cells(args)
     registry = _registry(args)
     engine = Engine.connect()
@@ -367,6 +395,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
+    from builder import publish
+
     cells = select_cells(args)
     found = publish.resolve_cells(cells, _registry(args), args.require)
     text = publish.format_resolved(found, args.format)
@@ -379,6 +409,11 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from builder import publish
+    from builder.certify import CertifyOptions
+    from builder.engine import Engine
+    from builder.state import State
+
     cells = select_cells(args)
     registry = _registry(args)
     engine = Engine.connect()
@@ -392,6 +427,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from builder import report  # jinja2 templates and matplotlib are only loaded for this command
+    from builder.state import State
 
     matrix = load_matrix(args.matrix)
     sel = selection(args)
@@ -446,6 +482,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", type=jobs_count, default=1, help="builds at once (default 1)")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date image exists")
     p.add_argument("--fail-fast", action="store_true", help="start no new build after a failure")
+    p.add_argument("--no-cache", action="store_true", help="reuse no engine layer (a cold build; with --force)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("certify", help="run the smoke test in each built image and write its certificate")

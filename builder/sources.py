@@ -23,6 +23,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -244,6 +245,8 @@ class PackageProxy:
         self.context = context
         self.upstream_bytes = 0
         self.cached_bytes = 0
+        self.fetched: dict[str, int] = {}  # file name -> bytes downloaded upstream by this proxy
+        self.started = time.monotonic()
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -399,6 +402,7 @@ class PackageProxy:
                     os.unlink(tmp)
             with self._lock:
                 self.upstream_bytes += fetched
+                self.fetched[name] = self.fetched.get(name, 0) + fetched
         else:
             with self._lock:
                 self.cached_bytes += path.stat().st_size
