@@ -173,6 +173,9 @@ class Sources:
         lines = ["[global]", "disable-pip-version-check = true", "timeout = 120"]
         if proxy_url:
             urls = [f"{proxy_url}/{i}/simple" for i in range(len(self.indexes_for(primary_index)))]
+            netloc = urllib.parse.urlsplit(proxy_url).netloc
+            if urllib.parse.urlsplit(proxy_url).hostname != LOOPBACK:  # pip trusts plain http on loopback only
+                lines.append(f"trusted-host = {netloc}")
         else:
             urls = self.indexes_for(primary_index)
             if self.ca_bundle:

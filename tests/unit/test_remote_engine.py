@@ -166,6 +166,8 @@ def test_a_build_on_a_remote_engine_gets_the_routed_proxy_and_apt_through_it(tmp
     [done] = engine.builds
     pip_conf = done["files"]["sources/pip.conf"].decode()
     assert "index-url = http://127.0.0.2:" in pip_conf
+    port = pip_conf.split("index-url = http://127.0.0.2:")[1].split("/")[0]
+    assert f"trusted-host = 127.0.0.2:{port}\n" in pip_conf  # pip refuses plain http off loopback otherwise
     assert done["build_args"]["http_proxy"].startswith("http://127.0.0.2:")
     assert done["build_args"]["no_proxy"] == "127.0.0.2"
 
@@ -178,5 +180,6 @@ def test_a_build_on_a_local_engine_sends_apt_nowhere_new(tmp_path):
     [res] = build_cells(engine, [c], options)
     assert res.status == "built"
     [done] = engine.builds
-    assert "index-url = http://127.0.0.1:" in done["files"]["sources/pip.conf"].decode()
+    pip_conf = done["files"]["sources/pip.conf"].decode()
+    assert "index-url = http://127.0.0.1:" in pip_conf and "trusted-host" not in pip_conf
     assert done["build_args"] == {}
