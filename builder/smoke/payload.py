@@ -6,7 +6,20 @@ builder. The result is JSON written to --out (not mixed into the logs); the exit
 check that ran passed.
 
     python payload.py --claims cell.json --out result.json [--gpu auto|off|require] [--expect-gpus N]
-                      [--steps N] [--compile auto|off] [--all-reduce-timeout S]
+                      [--steps N] [--compile auto|off] [--all-reduce-timeout S] [--promises]
+
+Checks (status pass, fail or skip; each verdict is a function its tests feed failures to):
+  claims.*            Python, framework, CUDA and cuDNN as measured (TF: cudnnGetVersion of the libcudnn
+                      on the image's library path) against what the cell claims
+  train.cpu.*, checkpoint, pip_check, compile.torch (skip, with the reason, when there is no compiler)
+  gpu.visible         the framework's GPU count equals the driver's (nvidia-smi) and --expect-gpus, and
+                      every device takes a round trip; with --gpu require and no GPU it fails naming why
+  gpu.arch_supported  the GPU's compute capability has SASS or PTX in the framework's arch list
+  gpu.cudnn_runtime_vs_compile, gpu.cudnn_conv (the conv backend torch selects; the libcudnn TF maps)
+  gpu.matches_cpu, gpu.tf32_off (a case TF32 changes, run with TF32 on and off), gpu.bf16_native
+  gpu.train_mixed_precision, gpu.no_cpu_fallback (parameters and optimizer state, after training)
+  gpu.matmul          at least half the model's published dense peak (gpu_peaks.json); unknown: no floor
+  gpu.linalg, gpu.h2d_bandwidth, gpu.device_assert, gpu.all_reduce (busbw as nccl-tests; NCCL unverified)
 """
 
 import argparse
