@@ -20,17 +20,23 @@ from typing import TYPE_CHECKING, Any
 
 from builder import __version__, tags
 from builder.errors import BaseImageError, BuilderError, NotCertified, RegistryError, UsageError
-from builder.matrix import Cell, Rejection, Selection, expand, load_matrix, no_match
-from builder.matrix.model import printable
 
 if TYPE_CHECKING:
     from builder.build import BuildResult
     from builder.certify import CertifyOptions, CertifyResult
+    from builder.matrix import Cell, Rejection, Selection
 
 # Each command imports the stages it needs inside its own function: the Docker SDK, rich, Jinja2, the SBOM
 # and registry code cost about half a second to import, which an up-to-date `build` must not pay.
 
 log = logging.getLogger("builder")
+
+
+def printable(text: str, limit: int | None = 80) -> str:
+    """builder.matrix.model.printable, imported when first needed (the matrix package loads pydantic)."""
+    from builder.matrix.model import printable as escape
+
+    return escape(text, limit)
 
 
 def jobs_count(text: str) -> int:
@@ -89,6 +95,8 @@ def _values(value: str | list[str] | None) -> tuple[str, ...] | None:
 
 
 def selection(args: argparse.Namespace) -> Selection:
+    from builder.matrix import Selection
+
     frameworks = _values(args.framework)
     for spec in frameworks or ():
         if spec.partition("==")[0] not in ("torch", "tensorflow"):
@@ -98,6 +106,8 @@ def selection(args: argparse.Namespace) -> Selection:
 
 
 def select_cells(args: argparse.Namespace) -> list[Cell]:
+    from builder.matrix import expand, load_matrix, no_match
+
     matrix = load_matrix(args.matrix)
     sel = selection(args)
     cells, _ = expand(matrix, sel)
@@ -132,6 +142,8 @@ def _dropped(rejection: Rejection) -> dict[str, Any]:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
+    from builder.matrix import expand, load_matrix, no_match
+
     matrix = load_matrix(args.matrix)
     sel = selection(args)
     cells, dropped = expand(matrix, sel)
@@ -227,7 +239,53 @@ def build_summary(results: list[BuildResult]) -> str:
     return table(rows)
 
 
+def _selectors_of(args: argparse.Namespace) -> list[str]:
+    return [f"{name}={value}" for name in ("cuda", "python", "framework", "flavor", "only")
+            for value in sorted(_values(getattr(args, name)) or ())]
+
+
+def _up_to_date(args: argparse.Namespace) -> int | None:
+    """The no-op fast path (builder.uptodate): 0 with the summary printed when every cell is up to date,
+    None when the full path must decide."""
+    from builder import uptodate
+
+    matrix, state = Path(args.matrix), Path(args.state)
+    sock = uptodate.local_socket()
+    if args.force or args.no_cache or sock is None or not matrix.is_file():
+        return None
+    stamped = uptodate.read_stamp(state, uptodate.key(matrix, _selectors_of(args)))
+    found = uptodate.check(stamped, sock) if stamped else None
+    if not found:
+        return None
+    log.info("building %d cell(s) with %d job(s) on unix://%s", len(found), args.jobs, sock)
+    print(table([{"cell": f.tag, "result": "up to date", "time": "0 s", "size": _mb(f.size),
+                  "image": f.image_id.removeprefix("sha256:")[:12], "fetched": "-", "from cache": "-"}
+                 for f in found]))
+    return 0
+
+
+def _stamp(args: argparse.Namespace, engine: Any, cells: list[Cell]) -> None:
+    """After a build where every cell is fine: what the next `build` needs to skip the full path."""
+    from builder import uptodate
+    from builder.render import render
+
+    stamped = []
+    for cell in cells:
+        base = engine.image(cell.base.image)
+        if base is None:
+            return
+        stamped.append(uptodate.Stamped(tag=cell.tag, content_hash=render(cell, base_id=base.id).content_hash,
+                                        base=cell.base.image, base_id=base.id))
+    try:
+        uptodate.write_stamp(Path(args.state), uptodate.key(Path(args.matrix), _selectors_of(args)), stamped)
+    except OSError as exc:  # the stamp only saves time: never fail a build for it
+        log.debug("no up-to-date stamp: %s", exc)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
+    fast = _up_to_date(args)
+    if fast is not None:
+        return fast
     from builder.build import BuildOptions, build_cells
     from builder.engine import Engine
     from builder.sources import Sources
@@ -250,6 +308,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                 print(f"    whole log: {r.log_path}", file=sys.stderr)
     print(build_summary(results))
     failed = [r for r in results if not r.ok]
+    if not failed and Path(args.matrix).is_file():
+        _stamp(args, engine, cells)
     return 1 if failed else 0
 
 
@@ -335,6 +395,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 def cmd_facts(args: argparse.Namespace) -> int:
     from builder import facts
+    from builder.matrix import load_matrix
     from builder.sources import Sources
 
     matrix = load_matrix(args.matrix)
@@ -355,6 +416,8 @@ def cmd_facts(args: argparse.Namespace) -> int:
 
 def _registry(args: argparse.Namespace) -> str:
     """--registry, else `registry:` in the matrix, else $BUILDER_REGISTRY; one line if none or a bad one."""
+    from builder.matrix import load_matrix
+
     matrix = load_matrix(args.matrix)
     try:
         chosen = tags.choose_registry(args.registry, getattr(matrix.spec, "registry", None),
@@ -381,6 +444,7 @@ def _publish_exit(results: list[Any], refused: str = "refused") -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from builder import publish
     from builder.engine import Engine
+    from builder.matrix import load_matrix
     from builder.state import State
 
     cells = select_cells(args)
@@ -427,6 +491,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from builder import report  # jinja2 templates and matplotlib are only loaded for this command
+    from builder.matrix import expand, load_matrix
     from builder.state import State
 
     matrix = load_matrix(args.matrix)
