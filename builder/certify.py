@@ -212,6 +212,15 @@ def gpu_lease(lock_dir: Path, address: str, plan: GpuPlan) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def expected_gpus(plan: GpuPlan) -> int | None:
+    """How many GPUs the container should see: the count asked for, or all that the host's probe listed."""
+    if plan.request is None:
+        return None
+    if plan.request.count > 0:
+        return plan.request.count
+    return len(plan.probe.gpus) if plan.probe is not None and plan.probe.gpus else None
+
+
 def certify_one(engine: ContainerEngine, cell: Cell, options: CertifyOptions, session: str,
                 stop: threading.Event, plan: GpuPlan) -> tuple[str, dict[str, Any] | None, str]:
     """Certify one cell; returns (level, certificate or None, one-line summary)."""
@@ -244,6 +253,9 @@ def certify_one(engine: ContainerEngine, cell: Cell, options: CertifyOptions, se
     mode = "require" if request is not None else "off"
     command = ["python", f"{PAYLOAD_DIR}/payload.py", "--claims", "/opt/builder/cell.json", "--out", RESULT_PATH,
                "--promises", "--gpu", mode]
+    expect = expected_gpus(plan)
+    if expect:  # gpu.visible compares the framework's count with what was asked for
+        command += ["--expect-gpus", str(expect)]
     image_user = info.user if (info := engine.image(image_id)) is not None else ""  # promise.non_root checks it
     started = datetime.now(timezone.utc)
     with gpu_lease(options.lock_dir, engine.address, plan):

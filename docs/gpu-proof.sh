@@ -104,7 +104,9 @@ def run(name, hidden, steps, timeout):
     if hidden:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "builder/smoke/payload.py", "--claims", claims_path, "--out", result_path,
-           "--gpu", "require", "--steps", str(steps)]
+           "--gpu", "require", "--steps", str(steps), "--compile", "off"]  # torch.compile alone can take minutes
+    if not hidden and host.get("gpus"):
+        cmd += ["--expect-gpus", str(host["gpus"])]
     t0 = time.monotonic()
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

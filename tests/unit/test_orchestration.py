@@ -134,7 +134,7 @@ def test_gpu_host_gets_gpu_certified_when_every_named_check_passes(tmp_path):
     res, cert = certify(engine, tmp_path)
     assert res.level == "gpu-certified", cert["reasons"]
     [run] = engine.runs
-    assert run["gpus"].count == -1 and run["command"][-2:] == ["--gpu", "require"]
+    assert run["gpus"].count == -1 and run["command"][-4:] == ["--gpu", "require", "--expect-gpus", "1"]
     assert cert["host"]["driver"] == "550.54.14" and cert["host"]["gpu_paths"] == ["runtime"]
     assert (tmp_path / next(p.name for p in tmp_path.glob("builder-gpus-*.lock"))).exists()
 
@@ -168,8 +168,9 @@ def test_two_gpus_also_need_the_collective(tmp_path):
         cert["reasons"]
     engine.payload = lambda image, cmd, gpus: Payload(result=result(
         cpu_checks() + gpu_checks() + gpu_checks("pass", *MULTI_GPU_CHECKS), gpus=2))
-    res, _ = certify(engine, tmp_path, force=True)
+    res, _ = certify(engine, tmp_path, force=True, gpus="2")
     assert res.level == "gpu-certified"
+    assert engine.runs[-1]["command"][-2:] == ["--expect-gpus", "2"] and engine.runs[-1]["gpus"].count == 2
 
 
 def test_gpus_requested_but_not_seen_fails_naming_the_cause(tmp_path):
