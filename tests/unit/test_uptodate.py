@@ -1,0 +1,115 @@
+"""The no-op fast path: its key, its stamp, which engines it serves, and what it asks the engine."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socketserver
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from builder import uptodate
+
+CELL = uptodate.Stamped(tag="b/tf:1-cpu", content_hash="h1", base="debian:bookworm-slim", base_id="sha256:base")
+
+
+def test_key_follows_the_matrix_and_the_selectors(tmp_path: Path) -> None:
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text("schema: 1\n")
+    first = uptodate.key(matrix, ["python=3.11"])
+    assert uptodate.key(matrix, ["python=3.11"]) == first
+    assert uptodate.key(matrix, ["python=3.12"]) != first
+    matrix.write_text("schema: 1\n# edited\n")
+    assert uptodate.key(matrix, ["python=3.11"]) != first
+
+
+def test_key_covers_the_templates_and_the_render_code() -> None:
+    covered = {p.name for p in uptodate.TEMPLATES.rglob("*")} | set(uptodate.INPUTS)
+    assert {"Dockerfile.j2", "os.j2", "render.py", "matrix"} <= covered
+
+
+def test_stamp_round_trip_and_a_stale_key(tmp_path: Path) -> None:
+    uptodate.write_stamp(tmp_path, "k" * 64, [CELL])
+    assert uptodate.read_stamp(tmp_path, "k" * 64) == [CELL]
+    assert uptodate.read_stamp(tmp_path, "j" * 64) is None
+    uptodate.stamp_path(tmp_path, "k" * 64).write_text("{not json")
+    assert uptodate.read_stamp(tmp_path, "k" * 64) is None
+
+
+def test_only_the_default_local_engine_takes_the_fast_path(tmp_path: Path) -> None:
+    home = {"DOCKER_CONFIG": str(tmp_path)}
+    assert uptodate.local_socket(home) == uptodate.DEFAULT_SOCKET
+    assert uptodate.local_socket({**home, "DOCKER_HOST": "unix:///run/d.sock"}) == "/run/d.sock"
+    assert uptodate.local_socket({**home, "DOCKER_HOST": "tcp://10.0.0.2:2375"}) is None
+    assert uptodate.local_socket({**home, "DOCKER_CONTEXT": "remote"}) is None
+    (tmp_path / "config.json").write_text(json.dumps({"currentContext": "remote"}))
+    assert uptodate.local_socket(home) is None
+
+
+class _Engine(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    answers: dict[str, Any]
+    asked: list[str]
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[_Engine]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            server: _Engine = self.server  # type: ignore[assignment]
+            server.asked.append(self.path)
+            path = self.path.split("?")[0]
+            if path not in server.answers:
+                self.send_error(404)
+                return
+            body = json.dumps(server.answers[path]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def address_string(self) -> str:
+            return "unix"
+
+    server = _Engine(str(tmp_path / "engine.sock"), Handler)
+    server.asked = []
+    server.answers = {
+        "/images/debian%3Abookworm-slim/json": {"Id": "sha256:base"},
+        "/images/json": [{"Id": "sha256:img", "RepoTags": ["b/tf:1-cpu"], "Size": 42,
+                          "Labels": {uptodate.HASH_LABEL: "h1"}}],
+    }
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_up_to_date_in_two_questions(engine: _Engine) -> None:
+    found = uptodate.check([CELL], engine.server_address)  # type: ignore[arg-type]
+    assert found == [uptodate.Found(tag="b/tf:1-cpu", image_id="sha256:img", size=42)]
+    assert len(engine.asked) == 2
+
+
+@pytest.mark.parametrize("change", ["base moved", "base gone", "hash gone", "tag gone"])
+def test_anything_changed_falls_through_to_the_full_path(engine: _Engine, change: str) -> None:
+    images = engine.answers["/images/json"]
+    if change == "base moved":
+        engine.answers["/images/debian%3Abookworm-slim/json"] = {"Id": "sha256:other"}
+    elif change == "base gone":
+        del engine.answers["/images/debian%3Abookworm-slim/json"]
+    elif change == "hash gone":
+        images[0]["Labels"] = {uptodate.HASH_LABEL: "h2"}
+    else:
+        images[0]["RepoTags"] = ["b/tf:other"]
+    assert uptodate.check([CELL], engine.server_address) is None  # type: ignore[arg-type]
+
+
+def test_no_engine_falls_through(tmp_path: Path) -> None:
+    assert uptodate.check([CELL], str(tmp_path / "nothing.sock")) is None
