@@ -514,14 +514,6 @@ class Engine:
             raise EngineError(f"the engine at {self.address} pulled {ref} but cannot find it")
         return info
 
-    def repo_digests(self, ref: str) -> tuple[str, ...]:
-        """The `repo@sha256:...` names the engine knows for an image (set by a push or a pull)."""
-        try:
-            attrs = self.api.inspect_image(ref)  # type: ignore[no-untyped-call]
-        except docker.errors.ImageNotFound:
-            return ()
-        return tuple(attrs.get("RepoDigests") or ())
-
     @_translated
     def untag(self, ref: str) -> None:
         """Remove the name `ref` only; the image stays while another name or a child holds it."""

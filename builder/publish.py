@@ -118,10 +118,8 @@ def push_one(engine: Engine, registry: Registry, state: State, dest: Target, *, 
     if cert is not None:
         names.insert(1, tags.immutable_tag(str(cert["image"]["content_hash"]), str(cert["digest"])))
     before = {n: (m.digest if (m := registry.manifest(dest.path, n)) is not None else None) for n in names}
-    same = set(before.values())
-    local_digests = engine.repo_digests(image.id)
-    if len(same) == 1 and None not in same and f"{dest.repository}@{next(iter(same))}" in local_digests:
-        pushed = dict(before)  # the registry already has this very manifest under every name: send nothing
+    if _holds(registry, dest, before, image.id):
+        pushed = dict(before)  # the registry already has this very image under every name: send nothing
     else:
         pushed = {n: _push_tag(engine, image.id, dest.ref(n)) for n in names}
     digests = set(pushed.values())
@@ -157,6 +155,20 @@ def push_one(engine: Engine, registry: Registry, state: State, dest: Target, *, 
         detail += "; uncertified (--allow-uncertified): no certificate pushed, nothing recorded"
     return PushResult(cell=cell, status=status, reference=reference, tags=tuple(names), seconds=seconds,
                       detail=detail)
+
+
+def _holds(registry: Registry, dest: Target, before: dict[str, str | None], image_id: str) -> bool:
+    """Whether every name already points at one manifest whose config is this very image.
+
+    An image's id is the digest of its configuration, which the manifest names: no local record of an
+    earlier push is needed (the engine forgets the repo digest once the registry's name is dropped).
+    """
+    digests = set(before.values())
+    if len(digests) != 1 or None in digests:
+        return False
+    manifest = registry.manifest(dest.path, str(digests.pop()))
+    config = (manifest.data.get("config") or {}).get("digest") if manifest is not None else None
+    return config == image_id
 
 
 def _push_tag(engine: Engine, image_id: str, ref: str) -> str:

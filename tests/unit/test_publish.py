@@ -266,7 +266,7 @@ IMAGE_DIGEST = "sha256:" + "9" * 64
 
 
 class PushEngine:
-    """The engine's push side: names, pushes (or a failure), and the repo digests a push leaves."""
+    """The engine's push side: names and pushes (or a failure)."""
 
     def __init__(self, cert: dict[str, Any], fail: RegistryError | None = None) -> None:
         self.info = ImageInfo(id="sha256:stamped", tags=(CELL_TAG,), size=1, user="", env=(), parent="sha256:tested",
@@ -275,7 +275,6 @@ class PushEngine:
         self.fail = fail
         self.names: set[str] = set()
         self.pushes: list[str] = []
-        self.digests: tuple[str, ...] = ()
 
     def image(self, ref: str) -> ImageInfo | None:
         return self.info if ref in (CELL_TAG, self.info.id) else None
@@ -286,14 +285,10 @@ class PushEngine:
     def untag(self, ref: str) -> None:
         self.names.discard(ref)
 
-    def repo_digests(self, ref: str) -> tuple[str, ...]:
-        return self.digests
-
     def push(self, ref: str) -> str:
         self.pushes.append(ref)
         if self.fail is not None:
             raise self.fail
-        self.digests = (f"{ref.rsplit(':', 1)[0]}@{IMAGE_DIGEST}",)
         return IMAGE_DIGEST
 
 
@@ -305,7 +300,8 @@ class FakeRegistry:
 
     def manifest(self, repo: str, reference: str) -> Manifest | None:
         digest = reference if reference.startswith("sha256:") else self.tags.get(reference)
-        return Manifest(digest=digest, media_type="m", body=b"{}") if digest else None
+        body = b'{"config": {"digest": "sha256:stamped"}}'  # the image id is its config's digest
+        return Manifest(digest=digest, media_type="m", body=body) if digest else None
 
     def certificate(self, repo: str, image_digest: str) -> tuple[dict[str, Any], str] | None:
         cert = self.certs.get(image_digest)
