@@ -2,6 +2,8 @@
 PY      ?= .venv/bin/python
 SELECT  ?= --framework torch==2.4.1 --cuda 12.1 --python 3.11
 OUT     ?= out/contexts
+# The bench's cell: TensorFlow CPU (1.5 GB) fits a 2-core machine; BENCH_SELECT="$(SELECT)" for torch.
+BENCH_SELECT ?= --framework tensorflow==2.18.0 --cuda cpu --python 3.11
 
 
 .DEFAULT_GOAL := help
@@ -41,8 +43,8 @@ images: ## build and certify SELECT (default: torch 2.4.1 / CUDA 12.1 / Python 3
 golden: ## refresh the golden Dockerfiles in tests/golden after a deliberate template change
 	$(PY) -m tests.unit.golden
 
-bench: ## measure build, up-to-date and cache figures for SELECT; writes docs/bench.json
-	$(PY) -m tests.bench $(SELECT)
+bench: ## builder against the naive recipe (BENCH_SELECT; BENCH_FULL=1 adds cold/warm builds); docs/bench.md
+	$(PY) -m tests.bench $(BENCH_SELECT)
 
 clean: ## remove rendered output (not images; see `python -m builder clean`)
 	rm -rf out

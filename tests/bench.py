@@ -181,7 +181,8 @@ class Bench:
         self.work = work
         self.full = full
         self.client = docker.from_env(timeout=3600)
-        self.state = work / "state"
+        # Kept between runs (records of earlier builds feed the size, certify and sibling rows).
+        self.state = Path(os.environ.get("BENCH_STATE", ROOT / ".builder" / "bench"))
         self.cache = Path(os.environ.get("BENCH_CACHE", work / "cache"))
         self.matrix = work / "matrix.yaml"
         self.matrix.write_text(bench_matrix((ROOT / "matrix.yaml").read_text()))
@@ -207,6 +208,14 @@ class Bench:
         out = subprocess.run([sys.executable, "-m", "builder", "--matrix", str(matrix or self.matrix), "matrix",
                               *select, "--format", "json"], capture_output=True, text=True, cwd=ROOT, check=True)
         return list(json.loads(out.stdout))
+
+    def image(self, ref: str) -> Any:
+        import docker.errors
+
+        try:
+            return self.client.images.get(ref)
+        except docker.errors.ImageNotFound:
+            return None
 
     def naive_build(self, cell: dict[str, Any], nocache: bool = False) -> tuple[float, str]:
         """Build the naive image of a cell; returns (seconds, image id). Timed around the SDK call only."""
@@ -310,8 +319,8 @@ def main(select: list[str]) -> int:
     from builder.state import State
 
     record = State(bench.state).read_record(one[0]["tag"]) or {}
-    if record:
-        image = bench.client.images.get(record["image_id"])
+    image = bench.image(one[0]["tag"])
+    if image is not None:
         floor = floor_bytes(bench.client.api.history(image.id))
         naive = bench.client.images.get(naive_id)
         size = int(image.attrs["Size"])
