@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,12 +28,13 @@ from builder.errors import BuilderError, BuildFailed, Interrupted
 from builder.matrix.model import Cell
 from builder.pool import run_pool
 from builder.render import ROOT, render
-from builder.sources import APT_SOURCES, LOOPBACK, Sources, apt_hosts, listen_address, serve
+from builder.sources import APT_SOURCES, LOOPBACK, PackageProxy, Sources, apt_hosts, listen_address, serve
 from builder.state import State
 
 log = logging.getLogger("builder")
 
 STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+PLAIN_EVERY_S = 30.0
 LOG_TAIL = 15
 
 
@@ -90,7 +93,7 @@ class Progress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._rich = Progress(TextColumn("{task.fields[cell]}"), BarColumn(), TextColumn("{task.description}"),
-                                  TimeElapsedColumn(), transient=False)
+                                  TextColumn("{task.fields[packages]}"), TimeElapsedColumn(), transient=False)
 
     def __enter__(self) -> Progress:
         if self._rich is not None:
@@ -105,10 +108,25 @@ class Progress:
         if self._rich is not None:
             task = self._tasks.get(cell.tag)
             if task is None:
-                task = self._tasks[cell.tag] = self._rich.add_task(text, total=total, cell=cell.tag)
+                task = self._tasks[cell.tag] = self._rich.add_task(text, total=total, cell=cell.tag, packages="")
             self._rich.update(task, completed=n, total=total, description=f"{n}/{total} {text[:60]}")
         else:
             log.info("%s: step %d/%d: %s", cell.tag, n, total, text[:100])
+
+    def packages(self, cell: Cell, fetched: int, cached: int, rate: float, elapsed: float) -> None:
+        """What the package proxy has served this cell so far: the long pip step is not silent."""
+        text = (f"packages: {fetched / 1e6:,.0f} MB fetched, {cached / 1e6:,.0f} MB from cache, "
+                f"{rate / 1e6:.1f} MB/s, {elapsed:.0f} s")
+        task = self._tasks.get(cell.tag)
+        if self._rich is not None and task is not None:
+            self._rich.update(task, packages=text)
+        elif self._rich is None:
+            log.info("%s: %s", cell.tag, text)
+
+    @property
+    def every(self) -> float:
+        """Seconds between package reports: live on a terminal, a line every half minute in a log."""
+        return 1.0 if self._rich is not None else PLAIN_EVERY_S
 
     def done(self, result: BuildResult) -> None:
         msg = f"{result.cell.tag}: {result.status} in {result.seconds:.0f} s"
@@ -169,9 +187,10 @@ def _build_one(
                 progress.step(cell, int(match[1]), int(match[2]), match[3])
 
         try:
-            image_id = engine.build({**context.files, **src}, tag=cell.tag, labels=labels, on_line=on_line,
-                                    stop=stop, build_args=proxy.build_args() if proxy else None,
-                                    nocache=options.no_layer_cache)
+            with watch_packages(progress, cell, proxy):
+                image_id = engine.build({**context.files, **src}, tag=cell.tag, labels=labels, on_line=on_line,
+                                        stop=stop, build_args=proxy.build_args() if proxy else None,
+                                        nocache=options.no_layer_cache)
         except BuildFailed as exc:
             raise BuildFailed(str(exc), tail, str(log_path)) from None
         upstream = proxy.upstream_bytes if proxy else 0
@@ -189,6 +208,32 @@ def _build_one(
     state.write_record(cell.tag, record)
     return BuildResult(cell=cell, status="built", seconds=seconds, image_id=image_id, size=int(record["size"]),
                        upstream_bytes=upstream, cached_bytes=cached, log_path=log_path)
+
+
+@contextmanager
+def watch_packages(progress: Progress, cell: Cell, proxy: PackageProxy | None) -> Iterator[None]:
+    """While a build runs, report the proxy's bytes every `progress.every` seconds, when they have moved."""
+    if proxy is None:
+        yield
+        return
+    finished = threading.Event()
+
+    def report() -> None:
+        last, last_at = (0, 0), time.monotonic()
+        while not finished.wait(progress.every):
+            now, at = (proxy.upstream_bytes, proxy.cached_bytes), time.monotonic()
+            if now != last:
+                rate = (sum(now) - sum(last)) / max(at - last_at, 1e-3)
+                progress.packages(cell, now[0], now[1], rate, at - proxy.started)
+            last, last_at = now, at
+
+    thread = threading.Thread(target=report, daemon=True, name=f"packages {cell.tag}")
+    thread.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        thread.join(timeout=5)
 
 
 def build_cells(engine: ContainerEngine, cells: list[Cell], options: BuildOptions) -> list[BuildResult]:
