@@ -46,9 +46,8 @@ def key(matrix: Path, selectors: list[str]) -> str:
     digest.update(b"selectors\0" + json.dumps(selectors).encode() + b"\0")
     digest.update(b"matrix\0" + matrix.read_bytes() + b"\0")
     paths: list[Path] = []
-    for name in INPUTS:
-        path = PACKAGE / name
-        paths += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    for pattern in INPUTS:
+        paths += sorted(PACKAGE.glob(pattern))
     paths += sorted(p for p in TEMPLATES.rglob("*") if p.is_file())
     for path in paths:
         digest.update(str(path.relative_to(PACKAGE.parent)).encode() + b"\0" + path.read_bytes() + b"\0")

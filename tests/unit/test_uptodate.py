@@ -27,9 +27,23 @@ def test_key_follows_the_matrix_and_the_selectors(tmp_path: Path) -> None:
     assert uptodate.key(matrix, ["python=3.11"]) != first
 
 
-def test_key_covers_the_templates_and_the_render_code() -> None:
-    covered = {p.name for p in uptodate.TEMPLATES.rglob("*")} | set(uptodate.INPUTS)
-    assert {"Dockerfile.j2", "os.j2", "render.py", "matrix"} <= covered
+def test_key_covers_the_templates_and_the_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text("schema: 1\n")
+    package, templates = tmp_path / "builder", tmp_path / "templates"
+    (package / "matrix").mkdir(parents=True)
+    (templates / "partials").mkdir(parents=True)
+    files = [package / "render.py", package / "matrix" / "expand.py", templates / "partials" / "os.j2"]
+    for path in files:
+        path.write_text("original\n")
+    monkeypatch.setattr(uptodate, "PACKAGE", package)
+    monkeypatch.setattr(uptodate, "TEMPLATES", templates)
+    first = uptodate.key(matrix, [])
+    for path in files:
+        path.write_text("changed\n")
+        assert uptodate.key(matrix, []) != first, path
+        path.write_text("original\n")
+    assert uptodate.key(matrix, []) == first
 
 
 def test_stamp_round_trip_and_a_stale_key(tmp_path: Path) -> None:
