@@ -27,7 +27,9 @@ from typing import Any
 HASH_LABEL = "org.builder.hash"  # builder.engine.HASH, repeated here so this path imports no SDK
 PACKAGE = Path(__file__).resolve().parent
 # What decides the cells and their content hashes, besides the matrix file and the selectors.
-INPUTS = ("matrix", "render.py", "tags.py", "__init__.py")
+# Every module of the package and the matrix package: any code change re-checks by the full path (cheap to
+# read, and no list of "the modules that render" to keep in step with the code).
+INPUTS = ("*.py", "matrix/*.py")
 DEFAULT_SOCKET = "/var/run/docker.sock"
 TEMPLATES = PACKAGE.parent / "templates"  # builder.render.TEMPLATES
 
