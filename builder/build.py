@@ -168,6 +168,7 @@ def _build_one(
     # A remote engine may have no route out: its apt reaches the base's mirrors through our proxy too.
     apt = _apt_mirrors(engine, base_id, cell) if listen != LOOPBACK and options.sources.proxy else frozenset()
     tail: list[str] = []
+    steps: list[list[Any]] = []  # [n, instruction, seconds]: where a build's time goes, kept in its record
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     labels = {
         MANAGED: "true", HASH: context.content_hash, TAG: cell.tag,
@@ -184,6 +185,10 @@ def _build_one(
             del tail[:-LOG_TAIL]
             match = STEP.match(line)
             if match:
+                now = time.monotonic()
+                if steps:
+                    steps[-1][2] = round(now - steps[-1][2], 2)
+                steps.append([int(match[1]), match[3][:80], now])
                 progress.step(cell, int(match[1]), int(match[2]), match[3])
 
         try:
@@ -193,6 +198,8 @@ def _build_one(
                                         nocache=options.no_layer_cache)
         except BuildFailed as exc:
             raise BuildFailed(str(exc), tail, str(log_path)) from None
+        if steps:
+            steps[-1][2] = round(time.monotonic() - steps[-1][2], 2)
         upstream = proxy.upstream_bytes if proxy else 0
         cached = proxy.cached_bytes if proxy else 0
         fetched_files = dict(proxy.fetched) if proxy else {}
@@ -202,7 +209,8 @@ def _build_one(
     record: dict[str, Any] = {
         "tag": cell.tag, "image_id": image_id, "content_hash": context.content_hash, "created": created,
         "seconds": round(seconds, 1), "size": info.size if info else 0, "upstream_bytes": upstream,
-        "cached_bytes": cached, "fetched_files": fetched_files, "lock": lock.decode().split(), "cell": cell.claims(),
+        "cached_bytes": cached, "fetched_files": fetched_files, "steps": steps, "lock": lock.decode().split(),
+        "cell": cell.claims(),
         "tool": __version__,
     }
     state.write_record(cell.tag, record)
