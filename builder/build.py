@@ -23,8 +23,9 @@ from typing import Any
 
 from builder import __version__
 from builder.bases import ensure_base
-from builder.engine import HASH, MANAGED, TAG, ContainerEngine, ImageInfo
+from builder.engine import ContainerEngine, ImageInfo
 from builder.errors import BuilderError, BuildFailed, Interrupted
+from builder.labels import HASH, MANAGED, build_labels
 from builder.matrix.model import Cell
 from builder.pool import run_pool
 from builder.render import ROOT, render
@@ -170,11 +171,8 @@ def _build_one(
     tail: list[str] = []
     steps: list[list[Any]] = []  # [n, instruction, seconds]: where a build's time goes, kept in its record
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    labels = {
-        MANAGED: "true", HASH: context.content_hash, TAG: cell.tag,
-        "org.opencontainers.image.created": created, "org.opencontainers.image.revision": revision(),
-        "org.builder.version": __version__,
-    }
+    labels = build_labels(content_hash=context.content_hash, tag=cell.tag, created=created, revision=revision(),
+                          version=__version__)
     with (log_path.open("w", encoding="utf-8") as logfile,
           serve(options.sources, cell.index, host=listen, apt=apt) as (src, proxy)):
 

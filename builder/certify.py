@@ -27,9 +27,10 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from builder import __version__, sbom
-from builder.engine import CERT_DIGEST, HASH, LEVEL, SESSION, ContainerEngine, GpuRequest
+from builder.engine import ContainerEngine, GpuRequest
 from builder.errors import BuilderError, Interrupted
 from builder.gpu import DriverProbe, gpu_paths
+from builder.labels import CERT_DIGEST, HASH, LEVEL, SESSION
 from builder.matrix.model import Cell
 from builder.pool import run_pool
 from builder.render import SMOKE, render

@@ -26,15 +26,12 @@ from docker.utils import parse_repository_tag
 
 from builder.errors import BuildFailed, EngineError, Interrupted
 from builder.gpu import NO_DEVICE_DRIVER, QUERY, DriverProbe, parse_nvidia_smi
+from builder.labels import CERT_DIGEST, HASH, LEVEL, MANAGED, SESSION, TAG  # re-exported: defined in labels
+
+__all__ = ["CERT_DIGEST", "HASH", "LEVEL", "MANAGED", "SESSION", "TAG"]
 
 log = logging.getLogger("builder")
 
-MANAGED = "org.builder.managed"
-SESSION = "org.builder.session"
-HASH = "org.builder.hash"
-TAG = "org.builder.tag"
-LEVEL = "org.builder.certificate.level"
-CERT_DIGEST = "org.builder.certificate.digest"
 # A build step may print nothing for this long (committing a multi-GB layer) before we call it hung.
 BUILD_SILENCE_S = 3600
 

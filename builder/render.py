@@ -17,12 +17,12 @@ from pathlib import Path
 
 import jinja2
 
-from builder import tags
+from builder import assets, labels, tags
 from builder.errors import UsageError
 from builder.matrix.model import Cell, printable
 
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = ROOT / "templates"
+TEMPLATES = assets.TEMPLATES  # the source tree's templates/, or the copy an installed wheel ships
 SMOKE = Path(__file__).resolve().parent / "smoke"
 UID = 10001
 SOURCES_DIR = "sources"
@@ -142,7 +142,8 @@ def dockerfile(cell: Cell) -> str:
         lib_path = ":".join(f"{CUDA_LIBS}/{d}/lib" for d in NVIDIA_LIB_DIRS)
     python_exe = "python3" if cell.python_source == "system" else f"python{cell.python}"
     text = _environment().get_template("Dockerfile.j2").render(
-        cell=cell, uid=UID, library_path=lib_path, python_exe=python_exe, cuda_libs=CUDA_LIBS,
+        cell=cell, uid=UID, labels=labels.image_labels(cell), managed_label=labels.MANAGED,
+        library_path=lib_path, python_exe=python_exe, cuda_libs=CUDA_LIBS,
         cuda_libs_dir=CUDA_LIBS.rsplit("/", 1)[0],
         site_packages=f"/opt/venv/lib/python{cell.python}/site-packages",
     )
