@@ -114,13 +114,14 @@ def context_tar(files: dict[str, bytes]) -> bytes:
 
 
 def floor_bytes(history: list[dict[str, Any]]) -> int:
-    """The least an image of this cell can weigh: the base OS, the Python install and the installed environment
-    (the `COPY --from=builder` layers), from `docker history`; labels, users and claims are the overhead."""
+    """The least an image of this cell can weigh: the base OS, the Python install and the installed environment,
+    from `docker history`; users, claims and caches are the overhead. The classic builder writes a stage copy
+    (`COPY --from=builder /opt/venv ...`) as `COPY dir:<digest> in /opt/venv`; an imported base has no CreatedBy."""
     total = 0
     for layer in history:
         created = str(layer.get("CreatedBy") or "")
-        if ("apt-get install" in created and "python3" in created) or "COPY --from=builder" in created \
-                or "#(nop) ADD" in created or created.startswith("/bin/sh -c #(nop)  ADD") or not created:
+        if (not created or ("apt-get install" in created and "python" in created) or "COPY --from=builder" in created
+                or "#(nop) COPY dir:" in created):
             total += int(layer.get("Size") or 0)
     return total
 

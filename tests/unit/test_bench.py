@@ -38,8 +38,9 @@ def test_naive_recipe_is_single_stage_with_the_pins_and_the_ca_bundle() -> None:
 def test_floor_counts_base_python_and_environment_layers_only() -> None:
     history = [
         {"CreatedBy": "/bin/sh -c #(nop)  LABEL org.builder.tag=x", "Size": 0},
-        {"CreatedBy": "/bin/sh -c #(nop) COPY dir:abc in /opt/venv", "Size": 7},  # not from the builder stage
-        {"CreatedBy": "COPY --from=builder /opt/venv /opt/venv", "Size": 1000},
+        {"CreatedBy": "/bin/sh -c #(nop) COPY file:abc in /opt/builder/cell.json", "Size": 7},  # the claims
+        {"CreatedBy": "/bin/sh -c useradd --uid 10001 --user-group --create-home app", "Size": 9},
+        {"CreatedBy": "/bin/sh -c #(nop) COPY dir:93c2ea30 in /opt/venv", "Size": 1000},  # the builder stage's venv
         {"CreatedBy": "/bin/sh -c apt-get update && apt-get install -y python3 python3-venv", "Size": 100},
         {"CreatedBy": "", "Size": 50},  # an imported base has no CreatedBy
     ]
