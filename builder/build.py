@@ -25,7 +25,7 @@ from builder import __version__
 from builder.bases import ensure_base
 from builder.engine import ContainerEngine, ImageInfo
 from builder.errors import BuilderError, BuildFailed, Interrupted
-from builder.labels import HASH, MANAGED, build_labels
+from builder.labels import HASH, build_labels
 from builder.matrix.model import Cell
 from builder.pool import run_pool
 from builder.render import ROOT, render
@@ -35,6 +35,9 @@ from builder.state import State
 log = logging.getLogger("builder")
 
 STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+# The classic builder names each step's container and each image it commits: a build's own, nobody else's.
+RUNNING_IN = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
+COMMITTED = re.compile(r"^ ---> ([0-9a-f]{12,64})\s*$")
 PLAIN_EVERY_S = 30.0
 LOG_TAIL = 15
 
@@ -147,9 +150,30 @@ def _apt_mirrors(engine: ContainerEngine, base_id: str, cell: Cell) -> frozenset
     return apt_hosts(texts)
 
 
+@dataclass
+class Made:
+    """What this run's builds made on the engine, from their own logs: the step containers and images.
+
+    Clean-up and pruning touch these and nothing else, so another builder on the same engine (another
+    process, another user) keeps its containers and its intermediate images.
+    """
+
+    containers: set[str] = field(default_factory=set)
+    images: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def see(self, line: str) -> None:
+        if match := RUNNING_IN.match(line):
+            with self.lock:
+                self.containers.add(match[1])
+        elif match := COMMITTED.match(line):
+            with self.lock:
+                self.images.add(match[1])
+
+
 def _build_one(
     engine: ContainerEngine, cell: Cell, options: BuildOptions, progress: Progress, stop: threading.Event,
-    base_lock: threading.Lock, listen: str,
+    base_lock: threading.Lock, listen: str, made: Made,
 ) -> BuildResult:
     started = time.monotonic()
     state = State(options.state_dir)
@@ -181,6 +205,7 @@ def _build_one(
             logfile.flush()
             tail.append(line)
             del tail[:-LOG_TAIL]
+            made.see(line)
             match = STEP.match(line)
             if match:
                 now = time.monotonic()
@@ -244,7 +269,7 @@ def watch_packages(progress: Progress, cell: Cell, proxy: PackageProxy | None) -
 
 def build_cells(engine: ContainerEngine, cells: list[Cell], options: BuildOptions) -> list[BuildResult]:
     base_lock = threading.Lock()
-    since = time.time()
+    made = Made()
     # Builds run on the engine host's network: the proxy listens where that host reaches this machine.
     listen = listen_address(engine.address) if options.sources.proxy else LOOPBACK
     if listen != LOOPBACK:
@@ -253,7 +278,7 @@ def build_cells(engine: ContainerEngine, cells: list[Cell], options: BuildOption
     def work(cell: Cell, stop: threading.Event) -> BuildResult:
         started = time.monotonic()
         try:
-            return _build_one(engine, cell, options, progress, stop, base_lock, listen)
+            return _build_one(engine, cell, options, progress, stop, base_lock, listen, made)
         except BuildFailed as exc:
             return BuildResult(cell=cell, status="failed", seconds=time.monotonic() - started, error=str(exc),
                                log_tail=tuple(exc.log_tail), log_path=Path(exc.log_path) if exc.log_path else None)
@@ -266,18 +291,22 @@ def build_cells(engine: ContainerEngine, cells: list[Cell], options: BuildOption
         try:
             results = run_pool(cells, options.jobs, work, progress.done,
                                lambda cell, status: BuildResult(cell=cell, status=status),
-                               lambda: engine.remove_containers(MANAGED, since), options.fail_fast)
+                               lambda: engine.remove_container_ids(made.containers), options.fail_fast)
         finally:
             if not options.keep_cache:
-                prune_builder_stages(engine)
+                prune_builder_stages(engine, made)
     return results
 
 
-def prune_builder_stages(engine: ContainerEngine) -> None:
-    """Drop the untagged builder-stage images (as large as the final image) once no build needs them."""
+def prune_builder_stages(engine: ContainerEngine, made: Made) -> None:
+    """Drop this run's builder-stage images (as large as the final image) once no build needs them.
+
+    Only the images this run's builds committed are candidates, and the engine keeps every one that a
+    tagged image builds on; a global prune would also take the newest layer of a build still under way.
+    """
     try:
-        freed = engine.prune_dangling(MANAGED)
-        if freed:
-            log.info("removed builder-stage images: %.1f GB freed", freed / 1e9)
+        removed = engine.remove_image_ids(sorted(made.images))
+        if removed:
+            log.info("removed %d builder-stage image(s)", removed)
     except BuilderError as exc:  # pruning is housekeeping: never fail a run for it
         log.warning("could not remove builder-stage images: %s", exc)

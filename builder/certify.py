@@ -293,8 +293,9 @@ def certify_one(engine: ContainerEngine, cell: Cell, options: CertifyOptions, se
         "inventory": inventory,
         "run": {"exit_code": run.exit_code, "seconds": round(run.seconds, 1), "log": str(log_path)},
     }
-    certificate["sbom"] = sbom.write(lambda p: engine.read_file(image_id, p), cell, image_id, started,
-                                     state.certificate_path(cell.tag))  # beside the certificate, its sha256 here
+    with engine.files(image_id) as read:  # one container for every file the SBOM reads
+        certificate["sbom"] = sbom.write(read, cell, image_id, started,
+                                         state.certificate_path(cell.tag))  # beside the certificate, its sha256 here
     certificate["digest"] = digest(certificate)
     path = state.write_certificate(cell.tag, certificate)
     engine.stamp(image_id, cell.tag, {LEVEL: outcome.level, CERT_DIGEST: certificate["digest"]})

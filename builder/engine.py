@@ -11,10 +11,12 @@ import functools
 import io
 import logging
 import os
+import posixpath
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -116,7 +118,13 @@ class ContainerEngine(Protocol):
 
     def read_file(self, image_id: str, path: str) -> bytes | None: ...
 
+    def files(self, image_id: str) -> AbstractContextManager[Callable[[str], bytes | None]]: ...
+
     def remove_containers(self, label: str = MANAGED, since: float | None = None, running: bool = True) -> int: ...
+
+    def remove_container_ids(self, ids: Iterable[str]) -> int: ...
+
+    def remove_image_ids(self, ids: Iterable[str]) -> int: ...
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -424,22 +432,81 @@ class Engine:
         finally:
             self.api.remove_container(cid, force=True)
 
-    @_translated
     def read_file(self, image_id: str, path: str) -> bytes | None:
-        """A file from an image, without running it: create, copy out, remove."""
-        cid = self.api.create_container(image_id, command=["true"], labels={MANAGED: "true"})["Id"]
+        """A file from an image, without running it (symlinks followed); None where there is none."""
+        with self.files(image_id) as read:
+            return read(path)
+
+    @contextmanager
+    def files(self, image_id: str) -> Iterator[Callable[[str], bytes | None]]:
+        """Read many files out of an image through one created (never started) container.
+
+        Symlinks are followed inside the image, up to 8 hops; a path that is missing, a directory or a
+        dangling link reads as None.
+        """
         try:
-            chunks, _ = self.api.get_archive(cid, path)
-            with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
-                member = tar.getmembers()[0]
-                fh = tar.extractfile(member)
-                return fh.read() if fh else None
-        except docker.errors.NotFound:
+            cid = self.api.create_container(image_id, command=["true"], labels={MANAGED: "true"})["Id"]
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            raise EngineError(f"the engine at {self.address} failed (read files of {image_id[:19]}): "
+                              f"{getattr(exc, 'explanation', None) or exc}") from None
+
+        def read(path: str) -> bytes | None:
+            for _ in range(8):
+                try:
+                    chunks, _ = self.api.get_archive(cid, path)
+                except docker.errors.NotFound:
+                    return None
+                except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+                    raise EngineError(f"the engine at {self.address} failed (read {path} of {image_id[:19]}): "
+                                      f"{getattr(exc, 'explanation', None) or exc}") from None
+                with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+                    member = tar.next()
+                    if member is None:
+                        return None
+                    if member.issym():
+                        path = posixpath.normpath(posixpath.join(posixpath.dirname(path), member.linkname))
+                        continue
+                    fh = tar.extractfile(member) if member.isfile() else None
+                    return fh.read() if fh else None
             return None
+
+        try:
+            yield read
         finally:
-            self.api.remove_container(cid, force=True)
+            try:
+                self.api.remove_container(cid, force=True)
+            except (docker.errors.APIError, requests.exceptions.RequestException):
+                log.warning("could not remove the container %s used to read files", cid[:12])
 
     # -------------------------------------------------------------------------------------- cleanup
+    def remove_container_ids(self, ids: Iterable[str]) -> int:
+        """Force-remove exactly these containers (a build's own step containers); gone ones are skipped."""
+        removed = 0
+        for cid in list(ids):
+            try:
+                self.api.remove_container(cid, force=True)
+                removed += 1
+            except (docker.errors.NotFound, docker.errors.APIError, requests.exceptions.RequestException):
+                pass
+        return removed
+
+    def remove_image_ids(self, ids: Iterable[str]) -> int:
+        """Remove these images where nothing builds on them; the engine refuses the others (409), which stay.
+
+        Given a build's own intermediate images, this drops its builder stage and keeps every ancestor of
+        a tagged image, without touching what another build on the same engine is making.
+        """
+        removed = 0
+        for image_id in list(ids):
+            try:
+                if self.api.inspect_image(image_id).get("RepoTags"):  # type: ignore[no-untyped-call]
+                    continue  # a tagged image (the build's result) is never housekeeping
+                self.api.remove_image(image_id)
+                removed += 1
+            except (docker.errors.NotFound, docker.errors.APIError, requests.exceptions.RequestException):
+                pass
+        return removed
+
     @_translated
     def remove_containers(self, label: str = MANAGED, since: float | None = None, running: bool = True) -> int:
         """Force-remove the containers carrying `label` (created at or after `since`, if given).

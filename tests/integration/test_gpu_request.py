@@ -9,7 +9,6 @@ import os
 import pytest
 
 from builder.engine import GpuRequest
-from builder.errors import EngineError
 
 from .conftest import TORCH, TORCH_TAG, managed_containers
 
@@ -69,15 +68,3 @@ def test_gpus_asked_for_and_not_seen_fail_naming_the_cause(engine, work, hook):
     # and the image is still fine where no GPU is asked for: certify again without one
     again = work.cli("certify", *TORCH, "--gpus", "none")
     assert again.returncode == 0 and work.certificate(TORCH_TAG)["level"] == "cpu-verified"
-
-
-def test_engine_errors_are_one_line(engine):
-    missing = "sha256:" + "0" * 64
-    with pytest.raises(EngineError, match="failed \\(stamp\\)"):
-        engine.stamp(missing, "builder-test/none:stamp", {"x": "y"})
-    # a digest-pinned reference goes to the SDK whole (split by hand it became a bad tag)
-    with pytest.raises(EngineError) as err:
-        engine.pull(f"127.0.0.1:9/none/debian:bookworm@{missing}")
-    assert "\n" not in str(err.value) and "invalid" not in str(err.value).lower()
-    with pytest.raises(EngineError, match="a digest names registry content"):
-        engine.import_rootfs(iter(()), f"none/debian@{missing}")

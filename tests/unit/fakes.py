@@ -11,7 +11,8 @@ import hashlib
 import itertools
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -106,10 +107,13 @@ class FakeEngine:
               stop: threading.Event, nocache: bool = False, build_args: dict[str, str] | None = None) -> str:
         self.calls.append(("build", tag))
         self.builds.append({"tag": tag, "files": dict(files), "build_args": dict(build_args or {})})
-        cid = f"build-{tag}"
+        cid = "c0ffee" + hashlib.sha256(tag.encode()).hexdigest()[:58]
         self.containers.add(cid)  # the classic builder's step container, while the build runs
         try:
             on_line("Step 1/2 : FROM base")
+            on_line(f" ---> Running in {cid}")
+            stage = self.add_image(None, {MANAGED: "true"})  # the builder stage: untagged, nothing on it
+            on_line(f" ---> {stage.id.removeprefix('sha256:')}")
             if self.on_build is not None:
                 self.on_build(tag, stop)
             if stop.is_set():
@@ -149,6 +153,26 @@ class FakeEngine:
 
     def read_file(self, image_id: str, path: str) -> bytes | None:
         return b"torch==2.4.1\n"
+
+    @contextmanager
+    def files(self, image_id: str) -> Iterator[Callable[[str], bytes | None]]:
+        yield lambda path: self.read_file(image_id, path)
+
+    def remove_container_ids(self, ids: Iterable[str]) -> int:
+        gone = self.containers & set(ids)
+        self.containers -= gone
+        return len(gone)
+
+    def remove_image_ids(self, ids: Iterable[str]) -> int:
+        removed = 0
+        for short in list(ids):
+            image_id = next((i for i in self.images if i.removeprefix("sha256:").startswith(short)), short)
+            info = self.images.get(image_id)
+            if info is None or info.tags or any(i.parent == image_id for i in self.images.values()):
+                continue
+            del self.images[image_id]
+            removed += 1
+        return removed
 
     def remove_containers(self, label: str = MANAGED, since: float | None = None, running: bool = True) -> int:
         n = len(self.containers)

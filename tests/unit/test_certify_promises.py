@@ -27,11 +27,11 @@ class FilesEngine(FakeEngine):
 
     def __init__(self, files: dict[str, bytes], **kw) -> None:
         super().__init__(**kw)
-        self.files = files
+        self.contents = files
         self.envs: list[dict[str, str] | None] = []
 
     def read_file(self, image_id: str, path: str) -> bytes | None:
-        return self.files.get(path)
+        return self.contents.get(path)
 
     def run(self, image_id, command, *, env=None, **kw):  # type: ignore[no-untyped-def, override]
         self.envs.append(env)

@@ -310,10 +310,11 @@ def test_interrupted_build_keeps_finished_work_and_leaves_no_container(tmp_path)
     engine = FakeEngine()
     engine.add_image(CUDA_CELL.base.image)
     [done] = build_cells(engine, [CPU_CELL], build_opts(tmp_path))
+    engine.containers.add("f" * 64)  # another builder's step container on the same engine
     engine.on_build = interrupt_once_started(engine)
     with pytest.raises(Interrupted):
         build_cells(engine, [CUDA_CELL], build_opts(tmp_path, force=True))
-    assert engine.containers == set()
+    assert engine.containers == {"f" * 64}  # ours are gone, theirs is untouched
     assert State(tmp_path / "state").read_record(CPU_CELL.tag)["image_id"] == done.image_id
     assert State(tmp_path / "state").read_record(CUDA_CELL.tag) is None
 
@@ -362,3 +363,13 @@ def test_certificate_json_is_what_the_index_names(tmp_path):
     _, cert = certify(engine, tmp_path)
     on_disk = json.loads(State(tmp_path / "state").certificate_path(CUDA_CELL.tag).read_text())
     assert on_disk["digest"] == cert["digest"] == certify_mod.digest(on_disk)
+
+
+def test_a_build_removes_its_own_builder_stage_and_nothing_else(tmp_path):
+    engine = FakeEngine()
+    engine.add_image(CUDA_CELL.base.image)
+    theirs = engine.add_image(None, {"org.builder.managed": "true"})  # another build's newest layer, mid-build
+    [result] = build_cells(engine, [CUDA_CELL], dataclasses.replace(build_opts(tmp_path), keep_cache=False))
+    assert result.status == "built" and engine.image(CUDA_CELL.tag).id == result.image_id
+    untagged = [i for i in engine.images.values() if not i.tags]
+    assert untagged == [theirs]  # our builder stage went; theirs, and our tagged result, stay

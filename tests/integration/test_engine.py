@@ -1,0 +1,34 @@
+"""The engine layer on a real engine: one-line errors, whole references, files read out of an image."""
+
+from __future__ import annotations
+
+import pytest
+
+from builder.errors import EngineError
+
+from .conftest import managed_containers
+
+pytestmark = [pytest.mark.engine]
+
+
+def test_engine_errors_are_one_line(engine):
+    missing = "sha256:" + "0" * 64
+    with pytest.raises(EngineError, match="failed \\(stamp\\)"):
+        engine.stamp(missing, "builder-test/none:stamp", {"x": "y"})
+    # a digest-pinned reference goes to the SDK whole (split by hand it became a bad tag)
+    with pytest.raises(EngineError) as err:
+        engine.pull(f"127.0.0.1:9/none/debian:bookworm@{missing}")
+    assert "\n" not in str(err.value) and "invalid" not in str(err.value).lower()
+    with pytest.raises(EngineError, match="a digest names registry content"):
+        engine.import_rootfs(iter(()), f"none/debian@{missing}")
+
+
+def test_files_are_read_through_symlinks_in_one_container(engine, torch_built):
+    image_id = torch_built["image_id"]
+    with engine.files(image_id) as read:
+        # /etc/os-release is a relative symlink to ../usr/lib/os-release in Debian: it used to be a KeyError
+        assert b"ID=debian" in read("/etc/os-release")
+        assert read("/etc/no-such-file") is None
+        assert read("/etc") is None  # a directory is not a file
+        assert b"torch==2.4.1" in read("/opt/venv/requirements.lock")
+    assert managed_containers(engine) == []
