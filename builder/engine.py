@@ -177,6 +177,9 @@ class Engine:
             client.ping()
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             reason = str(exc).split("(")[0].strip() or type(exc).__name__
+            if address.startswith("ssh://") and "paramiko" in reason:  # the SDK imports it even to shell out
+                raise EngineError(f"the engine at {address} needs the SDK's ssh support: pip install "
+                                  "'builder[ssh]' (paramiko); the connection itself goes through `ssh`") from None
             raise EngineError(
                 f"no Docker engine answers at {address} ({reason}): start one (`dockerd &` as root, or "
                 "`systemctl start docker`) or point DOCKER_HOST / `docker context use` at one"

@@ -183,3 +183,18 @@ def test_a_build_on_a_local_engine_sends_apt_nowhere_new(tmp_path):
     pip_conf = done["files"]["sources/pip.conf"].decode()
     assert "index-url = http://127.0.0.1:" in pip_conf and "trusted-host" not in pip_conf
     assert done["build_args"] == {}
+
+
+# ------------------------------------------------------------------------------------- ssh://
+def test_an_ssh_engine_without_the_ssh_extra_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from builder.engine import Engine
+    from builder.errors import EngineError
+
+    if importlib.util.find_spec("paramiko") is not None:
+        pytest.skip("paramiko is installed: the SDK would really try ssh")
+    monkeypatch.setenv("DOCKER_HOST", "ssh://builder@build-host.invalid")
+    with pytest.raises(EngineError) as err:
+        Engine.connect(timeout=5)
+    assert "pip install 'builder[ssh]'" in str(err.value) and "\n" not in str(err.value)
