@@ -141,9 +141,13 @@ def dockerfile(cell: Cell) -> str:
     if cell.framework == "tensorflow" and cell.cuda_source == "wheels":
         lib_path = ":".join(f"{CUDA_LIBS}/{d}/lib" for d in NVIDIA_LIB_DIRS)
     python_exe = "python3" if cell.python_source == "system" else f"python{cell.python}"
+    # A devel cell's toolkit from wheels: the compiler merges into the runtime's nvidia/cuXX tree (CUDA_HOME).
+    cuda_home = f"{CUDA_LIBS}/cu{cell.cuda.split('.')[0]}" if cell.toolchain and cell.cuda else ""
+    python_dev = "python3-dev" if cell.python_source == "system" else f"python{cell.python}-dev"
     text = _environment().get_template("Dockerfile.j2").render(
         cell=cell, uid=UID, labels=labels.image_labels(cell), managed_label=labels.MANAGED,
-        library_path=lib_path, python_exe=python_exe, cuda_libs=CUDA_LIBS,
+        library_path=lib_path, cuda_home=cuda_home,
+        python_dev=python_dev, python_exe=python_exe, cuda_libs=CUDA_LIBS,
         cuda_libs_dir=CUDA_LIBS.rsplit("/", 1)[0],
         site_packages=f"/opt/venv/lib/python{cell.python}/site-packages",
     )
@@ -171,4 +175,6 @@ def render(cell: Cell, base_id: str | None = None) -> BuildContext:
         "requirements.txt": ("\n".join(cell.requirements) + "\n").encode(),
         "cell.json": (json.dumps(cell.claims(), indent=2, sort_keys=True) + "\n").encode(),
     }
+    if cell.toolchain:
+        files["requirements-devel.txt"] = ("\n".join(cell.toolchain) + "\n").encode()
     return BuildContext(cell=cell, files=files, content_hash=content_hash(files, base_id or cell.base.image))

@@ -111,10 +111,15 @@ def _base_fits(
     """
     spec = matrix.spec.bases[name]
     nv = spec.nvidia_cuda
-    if combo.flavor == "devel" or build.cuda_source == "system":
+    wheel_devel = combo.flavor == "devel" and build.cuda_source == "wheels" and build.toolkit is not None
+    if (combo.flavor == "devel" and not wheel_devel) or build.cuda_source == "system":
         if nv is None:
             need = "devel" if combo.flavor == "devel" else "system CUDA"
-            return True, f"{name} is no nvidia/cuda image (a {need} cell needs one)", None
+            why = f"{name} is no nvidia/cuda image (a {need} cell needs one"
+            if combo.flavor == "devel":
+                why += f": {combo.framework} {combo.version}'s CUDA {combo.cuda} wheels pin no cuda-toolkit, " \
+                       "whose nvcc wheel would serve on a plain base"
+            return True, why + ")", None
         if nv.flavor != combo.flavor:
             return True, f"{name} is a {nv.flavor} image, the cell is {combo.flavor}", None
         if nv.os not in matrix.spec.cuda[combo.cuda].image.os:
@@ -126,7 +131,8 @@ def _base_fits(
                 return False, f"{name} ships cuDNN {shipped or 'none'}, the framework needs cuDNN {build.cudnn}", \
                     ("bases", name, "nvidia_cuda")
     elif nv is not None:
-        return True, f"{name} is an nvidia/cuda image; wheel-CUDA runtime cells use a plain OS base", None
+        kind = "devel cells whose toolkit comes from wheels" if wheel_devel else "runtime cells"
+        return True, f"{name} is an nvidia/cuda image; wheel-CUDA {kind} use a plain OS base", None
     if _python_source(matrix, name, combo.python) is None:
         return False, f"{name} ships Python {spec.python} and no python_sources entry adds {combo.python}", \
             _python_fact(matrix, name, combo.python)
@@ -193,6 +199,7 @@ def _resolve(matrix: Matrix, gi: int, combo: Combo) -> Cell | Violation:
         index=spec.indexes[build.index] if build.index != "pypi" else None,
         index_name=build.index if build.index != "pypi" else None,
         requirements=_requirements(fw, combo, build, fv),
+        toolchain=_toolchain(combo, build),
         driver_ga=release.driver.ga if release else None,
         driver_floor=release.driver.floor if release else None,
         unverified=unverified,
@@ -212,6 +219,18 @@ def _requirements(
     reqs = [f"{package}=={combo.version}"]
     reqs += [f"{name}=={v}" for name, v in fv.companions.items()]
     return tuple(reqs + list(build.pins))
+
+
+# The pieces of a CUDA toolkit's wheels that compile: nvcc (with ptxas, fatbinary, nvlink), cicc (nvvm), the
+# crt headers, CCCL (thrust, cub, libcu++). The runtime headers and libcudart come with the framework's own wheels.
+TOOLCHAIN_EXTRAS = ("cccl", "crt", "nvcc", "nvvm")
+
+
+def _toolchain(combo: Combo, build: schema.BuildLine) -> tuple[str, ...]:
+    """What a devel cell adds from wheels: the toolkit the framework pins, with its compiler extras."""
+    if combo.flavor != "devel" or build.cuda_source != "wheels" or build.toolkit is None:
+        return ()
+    return (f"cuda-toolkit[{','.join(TOOLCHAIN_EXTRAS)}]=={build.toolkit}",)
 
 
 # The most combinations the whole matrix may ask for (the default matrix makes about 200): more means a

@@ -54,6 +54,7 @@ class Cell:
     unverified: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
     index_name: str | None = None  # the matrix's name for `index` (e.g. pytorch-cu118); None: the default
+    toolchain: tuple[str, ...] = ()  # a devel cell's CUDA compiler from wheels (cuda-toolkit extras); () for none
 
     @property
     def cuda_label(self) -> str:

@@ -118,7 +118,10 @@ class BuildLine(Strict):
     index: Name = "pypi"
     cuda_source: Literal["wheels", "system"] = "wheels"
     pins: list[Requirement] = []
-    unverified: list[Literal["cudnn", "pins", "index"]] = []
+    # The `cuda-toolkit` version the framework's wheels pin (CUDA 13 on): a devel cell takes its compiler from
+    # that release's wheels (nvcc, crt, nvvm, cccl) on a plain OS base, instead of an nvidia/cuda devel image.
+    toolkit: Version | None = None
+    unverified: list[Literal["cudnn", "pins", "index", "toolkit"]] = []
     note: Note | None = None
 
 

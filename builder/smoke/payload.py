@@ -11,7 +11,11 @@ check that ran passed.
 Checks (status pass, fail or skip; each verdict is a function its tests feed failures to):
   claims.*            Python, framework, CUDA and cuDNN as measured (TF: cudnnGetVersion of the libcudnn
                       on the image's library path) against what the cell claims
-  train.cpu.*, checkpoint, pip_check, compile.torch (skip, with the reason, when there is no compiler)
+  train.cpu.*, checkpoint, pip_check, compile.torch (skip, with the reason, when there is no compiler; in a
+                      devel image, per the claims' flavor, no compiler fails)
+  devel.*             devel images: cuda_version (nvcc's release equals torch.version.cuda), nvcc (a kernel to
+                      cubin + PTX for sm_90 and a fatbin for every arch torch lists), cpp_extension (built
+                      with TORCH_CUDA_ARCH_LIST set, imported, and with a GPU run against a reference)
   gpu.visible         the framework's GPU count equals the driver's (nvidia-smi) and --expect-gpus, and
                       every device takes a round trip; with --gpu require and no GPU it fails naming why
   gpu.arch_supported  the GPU's compute capability has SASS or PTX in the framework's arch list
@@ -571,6 +575,11 @@ class Adapter:
     def compile_check(self, report, args, inv):
         """A framework with no compiler to record has nothing to add."""
 
+    def devel_checks(self, report, args, inv):
+        """A devel image's toolchain, proved by use. A framework without such checks says so; its image fails."""
+        report.add("devel", False, f"the payload has no toolchain checks for {self.name}; a devel image of it "
+                   "cannot be certified")
+
     def gpu_checks(self, report, args, inv):
         raise NotImplementedError
 
@@ -803,6 +812,10 @@ class TorchAdapter(Adapter):
     def compile_check(self, report, args, inv, compile_fn=None):
         torch = self.fw
         compilers = [c for c in (os.environ.get("CXX"), *COMPILERS) if c and shutil.which(c)]
+        if not compilers and getattr(args, "devel", False):
+            report.add("compile.torch", False, "no C/C++ compiler in a devel image: torch.compile (inductor) "
+                       "needs one there", compiler=None)
+            return
         if not compilers:
             report.skip("compile.torch", "no C/C++ compiler in the image, which torch.compile (inductor) needs: "
                         "not tried; expected in a runtime image", compiler=None)
@@ -823,6 +836,9 @@ class TorchAdapter(Adapter):
 
     def gpu_checks(self, report, args, inv):
         torch_gpu(self.fw, report, args, inv)
+
+    def devel_checks(self, report, args, inv):
+        torch_devel(self.fw, report, args, inv, gpu=bool(self.gpu_count()) and args.gpu != "off")
 
 
 def torch_gpu(torch, report, args, inv, device="cuda:0", world=None):
@@ -1348,6 +1364,134 @@ def tf_all_reduce(tf, report, devices):
     return all_reduce_verdict(report, backend, world, results, nbytes, world)
 
 
+# ----------------------------------------------------------------------------------------------- devel
+DEVEL_KERNEL = r"""
+extern "C" __global__ void axpy(int n, float a, const float *x, float *y) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a * x[i] + y[i];
+}
+"""
+DEVEL_EXT_CU = DEVEL_KERNEL + r"""
+void axpy_launch(int n, float a, const float *x, float *y) { axpy<<<(n + 255) / 256, 256>>>(n, a, x, y); }
+"""
+DEVEL_EXT_CPP = r"""
+#include <torch/extension.h>
+void axpy_launch(int n, float a, const float *x, float *y);
+torch::Tensor axpy(double a, torch::Tensor x, torch::Tensor y) {
+    TORCH_CHECK(x.is_cuda() && y.is_cuda(), "axpy: CUDA tensors only");
+    auto out = y.clone();
+    axpy_launch(x.numel(), static_cast<float>(a), x.data_ptr<float>(), out.data_ptr<float>());
+    return out;
+}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("axpy", &axpy); }
+"""
+# The arch every devel image must compile for, whatever else the framework lists (Hopper).
+DEVEL_ARCH = "sm_90"
+GPU_RUN_UNVERIFIED = "unverified until a GPU host with Docker certifies it"
+
+
+def nvcc_release(text):
+    """'13.0' from `nvcc --version` ("Cuda compilation tools, release 13.0, V13.0.88"); None if absent."""
+    found = re.search(r"release (\d+\.\d+)", text or "")
+    return found.group(1) if found else None
+
+
+def toolkit_verdict(report, nvcc_text, framework_cuda):
+    release = nvcc_release(nvcc_text)
+    ok = release is not None and release == major_minor(framework_cuda)
+    return report.add("devel.cuda_version", ok, f"nvcc {release or 'unknown'}, torch built with CUDA "
+                      f"{framework_cuda}" + ("" if ok else ": they differ"), nvcc=release, framework=framework_cuda)
+
+
+def torch_arches(torch):
+    """The sm_XX the torch wheel was built for (readable without a GPU), with sm_90 always included."""
+    flags = getattr(torch._C, "_cuda_getArchFlags", lambda: "")() or ""
+    arches = sorted({a for a in flags.split() if a.startswith("sm_")} | {DEVEL_ARCH}, key=lambda a: int(a[3:]))
+    return arches
+
+
+def run_tool(command, cwd, timeout=600):
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:2])} exited {proc.returncode}: "
+                           + first_line(proc.stderr or proc.stdout))
+    return proc.stdout + proc.stderr
+
+
+def nvcc_check(report, nvcc, arches, work):
+    """Compile the kernel with nvcc: a cubin and PTX for sm_90, and a fatbin with SASS for every arch."""
+    src = os.path.join(work, "axpy.cu")
+    with open(src, "w") as fh:
+        fh.write(DEVEL_KERNEL)
+    t0 = time.perf_counter()
+    num = DEVEL_ARCH[3:]
+    run_tool([nvcc, "-cubin", f"-arch={DEVEL_ARCH}", "-o", "axpy.cubin", src], work)
+    run_tool([nvcc, "-ptx", f"-arch=compute_{num}", "-o", "axpy.ptx", src], work)
+    gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in arches]
+    gencode.append(f"-gencode=arch=compute_{arches[-1][3:]},code=compute_{arches[-1][3:]}")
+    run_tool([nvcc, "-fatbin", *gencode, "-o", "axpy.fatbin", src], work)
+    with open(os.path.join(work, "axpy.cubin"), "rb") as fh:
+        cubin = fh.read()
+    with open(os.path.join(work, "axpy.ptx")) as fh:
+        ptx = fh.read()
+    fatbin = os.path.getsize(os.path.join(work, "axpy.fatbin"))
+    problems = []
+    if not cubin.startswith(b"\x7fELF"):
+        problems.append("the cubin is no ELF file")
+    if f".target {DEVEL_ARCH}" not in ptx or ".entry axpy" not in ptx:
+        problems.append(f"the PTX has no .target {DEVEL_ARCH} entry axpy")
+    if fatbin <= len(cubin):
+        problems.append(f"the fatbin ({fatbin} bytes) is no larger than one cubin ({len(cubin)})")
+    return report.add("devel.nvcc", not problems, "; ".join(problems) or f"nvcc compiled a kernel: cubin and PTX "
+                      f"for {DEVEL_ARCH}, a fatbin for {', '.join(arches)} (+PTX)", arches=arches,
+                      cubin_bytes=len(cubin), ptx_bytes=len(ptx), fatbin_bytes=fatbin,
+                      seconds=round(time.perf_counter() - t0, 1), gpu_run=GPU_RUN_UNVERIFIED)
+
+
+def extension_check(torch, report, work, gpu):
+    """Build and import a CUDA extension with torch.utils.cpp_extension; with a GPU, run it against a reference."""
+    from torch.utils import cpp_extension
+
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEVEL_ARCH[3] + "." + DEVEL_ARCH[4:]  # "9.0": explicit, one arch
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    build = os.path.join(work, "ext")
+    os.makedirs(build, exist_ok=True)
+    module = cpp_extension.load_inline("builder_devel_axpy", cpp_sources=[DEVEL_EXT_CPP],
+                                       cuda_sources=[DEVEL_EXT_CU], build_directory=build, verbose=False)
+    seconds = round(time.perf_counter() - t0, 1)
+    if not hasattr(module, "axpy"):
+        return report.add("devel.cpp_extension", False, "the extension imported without its axpy function")
+    if not gpu:
+        return report.add("devel.cpp_extension", True, "built and imported a CUDA extension (TORCH_CUDA_ARCH_LIST="
+                          f"{os.environ['TORCH_CUDA_ARCH_LIST']}); no GPU, so not run", seconds=seconds,
+                          arch_list=os.environ["TORCH_CUDA_ARCH_LIST"], gpu_run=GPU_RUN_UNVERIFIED)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4096, generator=g), torch.randn(4096, generator=g)
+    got = module.axpy(2.0, x.cuda(), y.cuda()).cpu()
+    ok = bool(torch.allclose(got, 2.0 * x + y, atol=1e-6))
+    return report.add("devel.cpp_extension", ok, "the extension's kernel " + ("matches" if ok else "differs from")
+                      + " the CPU reference", seconds=seconds, arch_list=os.environ["TORCH_CUDA_ARCH_LIST"],
+                      gpu_run="ran on the GPU; " + GPU_RUN_UNVERIFIED)
+
+
+def torch_devel(torch, report, args, inv, gpu=False):
+    cuda_home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    nvcc = shutil.which("nvcc") or os.path.join(cuda_home, "bin", "nvcc")
+    inv["cuda_home"] = cuda_home
+    if not os.path.exists(nvcc):
+        report.add("devel.nvcc", False, f"no nvcc on PATH or in CUDA_HOME ({cuda_home})")
+        return
+    report.guard("devel.cuda_version", lambda: toolkit_verdict(report, run_tool([nvcc, "--version"], "/"),
+                                                               torch.version.cuda))
+    work = tempfile.mkdtemp(prefix="builder-devel-")
+    try:
+        report.guard("devel.nvcc", lambda: nvcc_check(report, nvcc, torch_arches(torch), work))
+        report.guard("devel.cpp_extension", lambda: extension_check(torch, report, work, gpu))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 ADAPTERS = {adapter.name: adapter for adapter in (TorchAdapter(), TensorFlowAdapter())}
 
 
@@ -1358,8 +1502,11 @@ def run(adapter, report, claims, args, inv, probe):
     if claims:
         check_claims(report, claims, inv, adapter.name)
     adapter.train_cpu(report, args, inv)
-    if args.compile != "off":
+    args.devel = (claims or {}).get("flavor") == "devel"
+    if args.compile != "off" or args.devel:  # a devel image must compile: --compile off does not skip it
         adapter.compile_check(report, args, inv)
+    if args.devel:
+        adapter.devel_checks(report, args, inv)
     if args.gpu == "off":
         report.skip("gpu", "GPU checks switched off (--gpu off)")
         return

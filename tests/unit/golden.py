@@ -20,6 +20,7 @@ CELLS = {
     "tensorflow-2.15.0-system-cuda": "builder/tensorflow:2.15.0-cuda12.2-*-py3.10-*",
     "tensorflow-2.15.0-system-cuda-py3.11-deadsnakes": "builder/tensorflow:2.15.0-cuda12.2-*-py3.11-*",
     "tensorflow-2.18.0-cpu-py3.11": "builder/tensorflow:2.18.0-cpu-py3.11-*",
+    "torch-2.11.0-cuda13.0-py3.11-devel-wheels": "builder/torch:2.11.0-cuda13.0-*-py3.11-devel-debian12",
 }
 
 

@@ -1,0 +1,90 @@
+# builder/torch:2.11.0-cuda13.0-cudnn9.19-py3.11-devel-debian12
+# Classic-builder syntax only: the Docker SDK cannot drive BuildKit.
+# --- OS base: shared by the builder and final stages, so both reuse the same cached layers.
+FROM debian:bookworm-slim AS os
+LABEL org.builder.managed="true"
+ENV DEBIAN_FRONTEND=noninteractive \
+    LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# --- Python 3.11 (system), before any CUDA or framework layer. `apt-get clean`:
+# a debootstrapped base keeps every downloaded .deb (no docker-clean hook), and the image promises empty caches.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/*
+
+# --- Builder stage: the only stage that sees build-time package sources (CA bundle, indexes, wheelhouse).
+FROM os AS builder
+COPY sources/ /opt/builder-sources/
+COPY requirements.txt /opt/builder-sources/requirements.txt
+RUN python3 -m venv /opt/venv \
+ && PIP_CONFIG_FILE=/opt/builder-sources/pip.conf /opt/venv/bin/pip install --no-cache-dir --no-compile \
+      -r /opt/builder-sources/requirements.txt \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock \
+ && mkdir -p /opt/builder-export/opt/cuda-libs \
+ && if [ -d /opt/venv/lib/python3.11/site-packages/nvidia ]; then \
+      mv /opt/venv/lib/python3.11/site-packages/nvidia /opt/builder-export/opt/cuda-libs/nvidia \
+      && ln -s /opt/cuda-libs/nvidia /opt/venv/lib/python3.11/site-packages/nvidia; \
+    fi \
+ && find /opt/builder-export -exec touch -h -d @0 {} +
+
+# --- Toolchain stage (devel): the CUDA 13.0 compiler from NVIDIA's wheels, laid out under the runtime's
+# nvidia tree so that it merges into /opt/cuda-libs/nvidia/cu13: bin/nvcc, nvvm/, include/ (crt, cccl), lib64 -> lib.
+FROM builder AS toolchain
+COPY requirements-devel.txt /opt/builder-sources/requirements-devel.txt
+RUN PIP_CONFIG_FILE=/opt/builder-sources/pip.conf /opt/venv/bin/pip install --no-cache-dir --no-compile \
+      --target /opt/builder-toolchain/opt/cuda-libs -r /opt/builder-sources/requirements-devel.txt \
+ && mkdir -p /opt/builder-toolchain/opt/cuda-libs/nvidia/cu13/lib \
+ && ln -s lib /opt/builder-toolchain/opt/cuda-libs/nvidia/cu13/lib64 \
+ && ln -s libcudart.so.13 /opt/builder-toolchain/opt/cuda-libs/nvidia/cu13/lib/libcudart.so \
+ && find /opt/builder-toolchain -exec touch -h -d @0 {} +
+
+# --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
+FROM os
+# --- A non-root user with a numeric UID, so runtimes that refuse root (runAsNonRoot) accept the image.
+RUN useradd --uid 10001 --user-group --create-home --shell /bin/bash app
+
+# --- CUDA 13.0 from the framework's pip nvidia-* wheels.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=13.0 driver>=580"
+
+# The framework's pip CUDA libraries get a layer of their own, before the framework's. Copied into /
+# with every path and timestamp fixed, its bytes depend only on the nvidia-* pins: cells that share
+# the pins share the layer, whatever their base, Python or framework.
+COPY --from=builder /opt/builder-export/ /
+COPY --from=builder /opt/venv /opt/venv
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH}
+
+# --- Devel: layers on top of the runtime image's, which stay shared. The distribution's C/C++ compiler and
+# Python headers (torch.utils.cpp_extension, inductor), then the CUDA compiler merged into CUDA_HOME.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential ninja-build python3-dev \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=toolchain /opt/builder-toolchain/ /
+ENV CUDA_HOME=/opt/cuda-libs/nvidia/cu13 \
+    PATH=/opt/cuda-libs/nvidia/cu13/bin:${PATH}
+
+# --- What the cell claims, for `builder certify` (which brings its current smoke payload at run time).
+COPY cell.json /opt/builder/cell.json
+LABEL org.opencontainers.image.title="torch" \
+      org.opencontainers.image.version="2.11.0" \
+      org.opencontainers.image.base.name="debian:bookworm-slim" \
+      org.opencontainers.image.description="torch 2.11.0, cuda13.0, Python 3.11, devel" \
+      org.builder.tag="builder/torch:2.11.0-cuda13.0-cudnn9.19-py3.11-devel-debian12" \
+      org.builder.framework="torch" \
+      org.builder.framework.version="2.11.0" \
+      org.builder.cuda="13.0" \
+      org.builder.cudnn="9.19.0.56" \
+      org.builder.python="3.11" \
+      org.builder.flavor="devel" \
+      org.builder.driver.min="580"
+USER 10001:10001
+WORKDIR /home/app
+CMD ["python"]
+
