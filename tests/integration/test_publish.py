@@ -130,6 +130,94 @@ def registry_names(engine: Engine, address: str) -> list[str]:
     return [t for img in engine.api.images() for t in img.get("RepoTags") or [] if t.startswith(address)]
 
 
+def test_uncertified_and_mismatched_certificates_are_refused(engine: Engine, work: Work, registry: Registry,
+                                                             login: dict[str, str], certified: dict) -> None:
+    assert engine.image(TF_CPU_TAG).labels[CERT_DIGEST] == certified["digest"]  # the built, stamped image
+    reg = f"{registry.address}/refused"
+    # no certificate at all
+    empty = work.root / "no-certificates"
+    proc = run(work, "push", *TF_CPU, "--registry", reg, state=empty, env=login)
+    assert proc.returncode == 8
+    assert "no certificate" in one_clean_line(proc)
+    assert State(empty).read_publish(TF_CPU_TAG) is None
+    # a certificate edited after certify
+    changed = work.root / "changed"
+    shutil.copytree(work.state, changed)
+    shutil.rmtree(changed / "publish", ignore_errors=True)  # the round trip's receipts are not this test's
+    cert = State(changed).read_certificate(TF_CPU_TAG)
+    cert["level"] = "gpu-certified"
+    State(changed).write_certificate(TF_CPU_TAG, cert)
+    proc = run(work, "push", *TF_CPU, "--registry", reg, state=changed, env=login)
+    assert proc.returncode == 8 and "was changed after certify" in one_clean_line(proc)
+    # a certificate that is sound but not the one on the image
+    from builder.certify import digest
+
+    cert = dict(certified, time="2000-01-01T00:00:00Z")
+    cert["digest"] = digest(cert)
+    State(changed).write_certificate(TF_CPU_TAG, cert)
+    proc = run(work, "push", *TF_CPU, "--registry", reg, state=changed, env=login)
+    assert proc.returncode == 8 and "changed since certify" in one_clean_line(proc)
+    # below the required level
+    proc = run(work, "push", *TF_CPU, "--registry", reg, "--require", "gpu-certified", env=login)
+    assert proc.returncode == 8 and "below the required gpu-certified" in one_clean_line(proc)
+    for state in (empty, changed):
+        assert State(state).read_publish(TF_CPU_TAG) is None
+    # nothing reached the registry, and no registry-named tag is left here
+    tags = requests.get(f"http://{registry.address}/v2/refused/{TF_CPU_TAG.rsplit(':', 1)[0]}/tags/list", auth=(USER, PASSWORD),
+                        timeout=10)
+    assert tags.status_code == 404
+    assert registry_names(engine, registry.address) == []
+    # --allow-uncertified pushes, says so, and records nothing
+    proc = run(work, "push", *TF_CPU, "--registry", reg, "--allow-uncertified", state=empty, env=login)
+    assert proc.returncode == 0, proc.stderr
+    assert "--allow-uncertified: pushing anyway" in proc.stderr
+    assert State(empty).read_publish(TF_CPU_TAG) is None
+    # and resolve will not hand out an image without its certificate
+    proc = run(work, "resolve", *TF_CPU, "--registry", reg, env=login)
+    assert proc.returncode == 1 and proc.stdout.strip() == ""
+    assert "pushed uncertified" in one_clean_line(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_registry_faults_give_one_line_and_record_nothing(engine: Engine, work: Work, registry_image: str,
+                                                          registry: Registry, certified: dict, tmp_path: Path) -> None:
+    assert engine.image(TF_CPU_TAG).labels[CERT_DIGEST] == certified["digest"]  # the built, stamped image
+    docker_config = tmp_path / "docker-config"  # a Docker config with no login in it
+    docker_config.mkdir()
+    no_login = {"DOCKER_CONFIG": str(docker_config)}
+    cases = []
+    # a stopped registry
+    with Registry(registry_image) as stopped:
+        address = stopped.address
+        stopped.stop()
+    cases.append(("stopped", address, no_login, "nothing answers at"))
+    # a port where nothing listens
+    cases.append(("wrong port", f"127.0.0.1:{free_port()}", no_login, "nothing answers at"))
+    cases.append(("no login", registry.address, no_login, "requires a login: run `docker login"))
+    with Registry(registry_image, "readonly") as readonly:
+        cases.append(("read-only", readonly.address, no_login, "refuses writes"))
+        for name, address, env, words in cases:
+            state = tmp_path / name
+            shutil.copytree(work.state, state)
+            shutil.rmtree(state / "publish", ignore_errors=True)
+            before = json.loads(State(state).index_path.read_text())
+            started = time.monotonic()
+            proc = run(work, "push", *TF_CPU, "--registry", address, state=state, env=env)
+            line = one_clean_line(proc)
+            print(f"{name}: exit {proc.returncode} in {time.monotonic() - started:.1f} s: {line}")
+            assert proc.returncode == 7, (name, proc.stderr)
+            assert words in line, (name, line)
+            assert State(state).read_publish(TF_CPU_TAG) is None, name
+            assert json.loads(State(state).index_path.read_text()) == before, name
+            assert registry_names(engine, address) == [], name
+
+
+# Last: it removes the built image, and a pulled image has no parent to prove what was tested.
 def test_round_trip(engine: Engine, work: Work, registry: Registry, login: dict[str, str], certified: dict) -> None:
     reg = registry.address
     started = time.monotonic()
@@ -199,95 +287,3 @@ def test_round_trip(engine: Engine, work: Work, registry: Registry, login: dict[
     assert engine.image(TF_CPU_TAG).id == info.id  # the scratch stamp of the re-run is not kept
     for path in [*work.state.rglob("*"), *elsewhere.rglob("*")]:  # the tool wrote no credential anywhere
         assert not path.is_file() or PASSWORD not in path.read_text(errors="replace"), path
-
-
-def test_uncertified_and_mismatched_certificates_are_refused(engine: Engine, work: Work, registry: Registry,
-                                                             login: dict[str, str], certified: dict) -> None:
-    if engine.image(TF_CPU_TAG) is None or engine.image(TF_CPU_TAG).labels.get(CERT_DIGEST) != certified["digest"]:
-        work.cli("build", *TF_CPU, check=True)
-        work.cli("certify", *TF_CPU, "--force", check=True)
-        certified = work.certificate(TF_CPU_TAG)
-    reg = f"{registry.address}/refused"
-    # no certificate at all
-    empty = work.root / "no-certificates"
-    proc = run(work, "push", *TF_CPU, "--registry", reg, state=empty, env=login)
-    assert proc.returncode == 8
-    assert "no certificate" in one_clean_line(proc)
-    assert State(empty).read_publish(TF_CPU_TAG) is None
-    # a certificate edited after certify
-    changed = work.root / "changed"
-    shutil.copytree(work.state, changed)
-    shutil.rmtree(changed / "publish", ignore_errors=True)  # the round trip's receipts are not this test's
-    cert = State(changed).read_certificate(TF_CPU_TAG)
-    cert["level"] = "gpu-certified"
-    State(changed).write_certificate(TF_CPU_TAG, cert)
-    proc = run(work, "push", *TF_CPU, "--registry", reg, state=changed, env=login)
-    assert proc.returncode == 8 and "was changed after certify" in one_clean_line(proc)
-    # a certificate that is sound but not the one on the image
-    from builder.certify import digest
-
-    cert = dict(certified, time="2000-01-01T00:00:00Z")
-    cert["digest"] = digest(cert)
-    State(changed).write_certificate(TF_CPU_TAG, cert)
-    proc = run(work, "push", *TF_CPU, "--registry", reg, state=changed, env=login)
-    assert proc.returncode == 8 and "changed since certify" in one_clean_line(proc)
-    # below the required level
-    proc = run(work, "push", *TF_CPU, "--registry", reg, "--require", "gpu-certified", env=login)
-    assert proc.returncode == 8 and "below the required gpu-certified" in one_clean_line(proc)
-    for state in (empty, changed):
-        assert State(state).read_publish(TF_CPU_TAG) is None
-    # nothing reached the registry, and no registry-named tag is left here
-    tags = requests.get(f"http://{registry.address}/v2/refused/{TF_CPU_TAG.rsplit(':', 1)[0]}/tags/list", auth=(USER, PASSWORD),
-                        timeout=10)
-    assert tags.status_code == 404
-    assert registry_names(engine, registry.address) == []
-    # --allow-uncertified pushes, says so, and records nothing
-    proc = run(work, "push", *TF_CPU, "--registry", reg, "--allow-uncertified", state=empty, env=login)
-    assert proc.returncode == 0, proc.stderr
-    assert "--allow-uncertified: pushing anyway" in proc.stderr
-    assert State(empty).read_publish(TF_CPU_TAG) is None
-    # and resolve will not hand out an image without its certificate
-    proc = run(work, "resolve", *TF_CPU, "--registry", reg, env=login)
-    assert proc.returncode == 1 and proc.stdout.strip() == ""
-    assert "pushed uncertified" in one_clean_line(proc)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_registry_faults_give_one_line_and_record_nothing(engine: Engine, work: Work, registry_image: str,
-                                                          registry: Registry, certified: dict, tmp_path: Path) -> None:
-    if engine.image(TF_CPU_TAG) is None or engine.image(TF_CPU_TAG).labels.get(CERT_DIGEST) != certified["digest"]:
-        work.cli("build", *TF_CPU, check=True)
-        work.cli("certify", *TF_CPU, "--force", check=True)
-    docker_config = tmp_path / "docker-config"  # a Docker config with no login in it
-    docker_config.mkdir()
-    no_login = {"DOCKER_CONFIG": str(docker_config)}
-    cases = []
-    # a stopped registry
-    with Registry(registry_image) as stopped:
-        address = stopped.address
-        stopped.stop()
-    cases.append(("stopped", address, no_login, "nothing answers at"))
-    # a port where nothing listens
-    cases.append(("wrong port", f"127.0.0.1:{free_port()}", no_login, "nothing answers at"))
-    cases.append(("no login", registry.address, no_login, "requires a login: run `docker login"))
-    with Registry(registry_image, "readonly") as readonly:
-        cases.append(("read-only", readonly.address, no_login, "refuses writes"))
-        for name, address, env, words in cases:
-            state = tmp_path / name
-            shutil.copytree(work.state, state)
-            shutil.rmtree(state / "publish", ignore_errors=True)
-            before = json.loads(State(state).index_path.read_text())
-            started = time.monotonic()
-            proc = run(work, "push", *TF_CPU, "--registry", address, state=state, env=env)
-            line = one_clean_line(proc)
-            print(f"{name}: exit {proc.returncode} in {time.monotonic() - started:.1f} s: {line}")
-            assert proc.returncode == 7, (name, proc.stderr)
-            assert words in line, (name, line)
-            assert State(state).read_publish(TF_CPU_TAG) is None, name
-            assert json.loads(State(state).index_path.read_text()) == before, name
-            assert registry_names(engine, address) == [], name
