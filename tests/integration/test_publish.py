@@ -256,8 +256,8 @@ def test_round_trip(engine: Engine, work: Work, registry: Registry, login: dict[
     print(f"push {first:.1f} s, no-op push {noop:.1f} s")
 
     # remove every local image of the cell; resolve asks the registry alone
-    work.cli("clean", *TF_CPU, check=True)
-    assert engine.image(TF_CPU_TAG) is None
+    engine.remove_images_with_label(TAG, TF_CPU_TAG)  # the stamped image and the tested one under it
+    assert engine.image(TF_CPU_TAG) is None and engine.images_with_label(TAG, TF_CPU_TAG, all_images=True) == []
     text = run(work, "resolve", *TF_CPU, "--registry", f"{reg}/team", env=login)
     assert text.returncode == 0, text.stderr
     assert text.stdout.strip() == record.reference
