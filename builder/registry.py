@@ -73,7 +73,7 @@ def classify(message: str, registry: str, what: str = "the request") -> Registry
 
 
 def with_retries(call: Callable[[], T], *, attempts: int = 4, first_wait: float = 1.0,
-                 sleep: Callable[[float], None] = time.sleep) -> T:
+                 sleep: Callable[[float], None] | None = None) -> T:
     """Call, retrying a retryable RegistryError with exponential backoff (1, 2, 4 s ...); others at once."""
     for attempt in range(1, attempts + 1):
         try:
@@ -83,7 +83,7 @@ def with_retries(call: Callable[[], T], *, attempts: int = 4, first_wait: float 
                 raise
             wait = first_wait * 2 ** (attempt - 1)
             log.warning("%s; retrying in %.0f s (attempt %d of %d)", exc, wait, attempt + 1, attempts)
-            sleep(wait)
+            (sleep or time.sleep)(wait)
     raise AssertionError("unreachable")
 
 

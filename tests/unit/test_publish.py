@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -401,3 +403,58 @@ def test_an_image_whose_label_is_not_its_certificate_is_refused(tmp_path: Path) 
     with pytest.raises(NotCertified, match="not stamped on the tested image"):
         fake_push(engine, FakeRegistry(), state)
     assert engine.pushes == [] and state.read_publish(CELL_TAG) is None
+
+
+# ------------------------------------------------- the HTTP client against a registry stand-in on loopback
+
+
+class Flaky(http.server.BaseHTTPRequestHandler):
+    """Answers /v2/ with the queued statuses, then 200; counts the requests."""
+
+    statuses: list[int] = []
+    seen = 0
+
+    def do_GET(self) -> None:
+        type(self).seen += 1
+        status = type(self).statuses.pop(0) if type(self).statuses else 200
+        body = b'{"errors": [{"code": "UNAVAILABLE", "message": "try later"}]}' if status != 200 else b"{}"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture()
+def flaky() -> Any:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    Flaky.seen = 0
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_503_from_the_registry_is_retried_then_succeeds(flaky: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from builder.registry import Registry
+
+    waits: list[float] = []
+    monkeypatch.setattr("builder.registry.time.sleep", waits.append)
+    Flaky.statuses = [503]
+    Registry(f"127.0.0.1:{flaky.server_port}").ping()
+    assert Flaky.seen == 2 and waits == [1.0]
+
+
+def test_a_403_from_the_registry_is_one_line_and_not_retried(flaky: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from builder.registry import Registry
+
+    monkeypatch.setattr("builder.registry.time.sleep", lambda s: None)
+    Flaky.statuses = [403]
+    with pytest.raises(RegistryError) as err:
+        Registry(f"127.0.0.1:{flaky.server_port}").ping()
+    assert Flaky.seen == 1 and not err.value.retryable
+    assert str(err.value).startswith(f"127.0.0.1:{flaky.server_port} denied the API check (status 403")
