@@ -307,12 +307,16 @@ def certify_one(engine: ContainerEngine, cell: Cell, options: CertifyOptions, se
     return outcome.level, certificate, summary
 
 
-def probe_engine(engine: ContainerEngine, cells: list[Cell], option: str) -> GpuPlan:
-    """Plan the GPU request once per run: read `docker info`, then ask the engine's host through a container."""
+def probe_engine(engine: ContainerEngine, cells: list[Cell], option: str, image: str | None = None) -> GpuPlan:
+    """Plan the GPU request once per run: read `docker info`, then ask the engine's host through a container.
+
+    The probe runs in `image` where one is given (a pulled image), else in the first cell's tested image.
+    """
     paths = gpu_paths(engine.info())
     probe: DriverProbe | None = None
     if option != "none":
-        image_id = next((i for c in cells if (i := find_tested_image(engine, c.tag, current_hash(engine, c)))), None)
+        image_id = image or next((i for c in cells
+                                  if (i := find_tested_image(engine, c.tag, current_hash(engine, c)))), None)
         if image_id is not None:  # nothing built: nothing will run, so nothing to plan for
             probe = engine.gpu_probe(image_id, GpuRequest(count=-1, cdi=paths == {"cdi"}))
     plan = plan_gpus(option, paths, probe, engine.address)
@@ -324,7 +328,7 @@ def probe_engine(engine: ContainerEngine, cells: list[Cell], option: str) -> Gpu
 
 def certify_cells(engine: ContainerEngine, cells: list[Cell], options: CertifyOptions) -> list[CertifyResult]:
     session = uuid.uuid4().hex
-    plan = probe_engine(engine, cells, options.gpus)
+    plan = probe_engine(engine, cells, options.gpus, options.image)
     state = State(options.state_dir)
 
     def work(cell: Cell, stop: threading.Event) -> CertifyResult:

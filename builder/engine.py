@@ -529,6 +529,9 @@ class Engine:
                 removed += 1
             except docker.errors.NotFound:
                 pass
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: its removal is already in progress (another clean-up)
+                    raise
         return removed
 
     # ------------------------------------------------------------------------------------- registry

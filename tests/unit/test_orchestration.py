@@ -373,3 +373,13 @@ def test_a_build_removes_its_own_builder_stage_and_nothing_else(tmp_path):
     assert result.status == "built" and engine.image(CUDA_CELL.tag).id == result.image_id
     untagged = [i for i in engine.images.values() if not i.tags]
     assert untagged == [theirs]  # our builder stage went; theirs, and our tagged result, stay
+
+
+def test_a_pulled_image_is_probed_for_gpus_as_it_is(tmp_path):
+    # `pull --recertify`: the pulled image has no parent and may not match this machine's content hash.
+    engine = FakeEngine(docker_info={"Runtimes": {"nvidia": {}}}, probe=H200,
+                        payload=lambda image, cmd, gpus: Payload(result=result(cpu_checks() + gpu_checks(), gpus=1)))
+    pulled = engine.add_image("registry.example/builder/torch:x", {})
+    res, _ = certify(engine, tmp_path, image=pulled.id)
+    assert ("gpu_probe", pulled.id, engine.calls[0][2]) == engine.calls[0]
+    assert res.level == "gpu-certified"
