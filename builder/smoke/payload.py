@@ -66,6 +66,8 @@ TF32_VALUE = 1 + 2**-12
 TF32_EXACT = TF32_K * TF32_VALUE  # 256.0625, exact in float32
 ALL_REDUCE_TIMEOUT = 120.0
 COMPILERS = ("c++", "g++", "clang++", "cc", "gcc")
+# How many of a failed build's last lines a check keeps (the cause; the first line is often the command).
+ERROR_TAIL_LINES = 20
 CUDNN_NAMES = ("libcudnn.so.9", "libcudnn.so.8", "libcudnn.so")
 # Every gpu.* name this payload can emit; certify's decide() picks its required set from these.
 GPU_CHECKS = ("gpu.visible", "gpu.arch_supported", "gpu.cudnn_runtime_vs_compile", "gpu.cudnn_conv",
@@ -89,17 +91,28 @@ class Report:
         print(f"[skip] {name}: {detail}", file=sys.stderr)
 
     def guard(self, name, fn):
-        """Run one check; an exception fails that check, not the whole payload."""
+        """Run one check; an exception fails that check, not the whole payload. A multi-line error (a compiler's
+        or ninja's output) keeps its last lines, where the cause is: its first line is often only the command."""
         try:
             return fn()
         except Exception as exc:  # a broken framework must be reported, not crash the run
-            self.add(name, False, f"{type(exc).__name__}: {first_line(exc)}")
+            lines = error_tail(exc)
+            detail = f"{type(exc).__name__}: {first_line(exc)[:300]}"
+            if len(lines) > 1:
+                self.add(name, False, f"{detail} ... {lines[-1][:300]}", error_tail=lines)
+            else:
+                self.add(name, False, detail)
             return None
 
 
 def first_line(value):
     text = str(value).strip()
     return text.splitlines()[0] if text else ""
+
+
+def error_tail(value, count=ERROR_TAIL_LINES):
+    """The last `count` non-blank lines of an error's text (each cut to 500 characters)."""
+    return [line.rstrip()[:500] for line in str(value).splitlines() if line.strip()][-count:]
 
 
 def major_minor(version):
@@ -1414,7 +1427,7 @@ def run_tool(command, cwd, timeout=600):
     proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:2])} exited {proc.returncode}: "
-                           + first_line(proc.stderr or proc.stdout))
+                           + (proc.stderr or proc.stdout).strip())
     return proc.stdout + proc.stderr
 
 

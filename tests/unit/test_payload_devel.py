@@ -107,3 +107,32 @@ def test_no_compiler_in_a_devel_image_fails_compile(tmp_path, monkeypatch):
     adapter.compile_check(report, argparse.Namespace(gpu="auto", devel=True), {})
     got = report.checks[0]
     assert (got["name"], got["status"]) == ("compile.torch", "fail") and "devel image" in got["detail"]
+
+
+def test_a_failed_build_keeps_the_last_lines_of_its_output():
+    # load_inline raises ninja's whole output in one message; its first line is only the nvcc command.
+    ninja = ["Error building extension 'builder_devel_axpy': [1/3] /opt/cuda/bin/nvcc -c cuda.cu -o cuda.cuda.o"]
+    ninja += [f"noise {i}" for i in range(30)]
+    ninja += ["cuda.cu:1:10: fatal error: cuda_runtime.h: No such file or directory", "ninja: build stopped"]
+    report = payload.Report()
+
+    def build():
+        raise RuntimeError("\n".join(ninja))
+
+    assert report.guard("devel.cpp_extension", build) is None
+    got = report.checks[0]
+    tail = got["values"]["error_tail"]
+    assert got["status"] == "fail" and len(tail) == payload.ERROR_TAIL_LINES
+    assert tail[-2:] == ninja[-2:] and "ninja: build stopped" in got["detail"]
+    assert "cuda_runtime.h: No such file" in "\n".join(tail)
+
+
+def test_nvcc_failure_keeps_the_cause_after_the_first_line(tmp_path):
+    broken = tmp_path / "nvcc"
+    broken.write_text("#!/bin/sh\necho 'In file included from axpy.cu:1:' >&2\n"
+                      "echo 'crt/host_config.h: No such file or directory' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    report = payload.Report()
+    report.guard("devel.nvcc", lambda: payload.nvcc_check(report, str(broken), ["sm_90"], str(tmp_path)))
+    got = report.checks[0]
+    assert got["status"] == "fail" and "host_config.h" in got["values"]["error_tail"][-1]
