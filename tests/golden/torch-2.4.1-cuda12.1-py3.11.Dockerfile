@@ -29,7 +29,11 @@ RUN python3 -m venv /opt/venv \
       mv /opt/venv/lib/python3.11/site-packages/nvidia /opt/builder-export/opt/cuda-libs/nvidia \
       && ln -s /opt/cuda-libs/nvidia /opt/venv/lib/python3.11/site-packages/nvidia; \
     fi \
- && find /opt/builder-export -exec touch -h -d @0 {} +
+ && find /opt/builder-export -exec touch -h -d @0 {} + \
+ && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
+ && mkdir -p /opt/builder-venv/opt \
+ && cp -al /opt/venv /opt/builder-venv/opt/venv \
+ && find /opt/builder-venv -exec touch -h -d @0 {} +
 
 # --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
 FROM os
@@ -45,7 +49,9 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
 # with every path and timestamp fixed, its bytes depend only on the nvidia-* pins: cells that share
 # the pins share the layer, whatever their base, Python or framework.
 COPY --from=builder /opt/builder-export/ /
-COPY --from=builder /opt/venv /opt/venv
+# The environment the same way (hard links to /opt/venv, rooted at / so that /opt comes with it; no .pyc, whose
+# headers hold times): a cell's runtime and devel images share this layer even when pip ran twice.
+COPY --from=builder /opt/builder-venv/ /
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH}
 
