@@ -67,3 +67,16 @@ def test_templates_hold_no_versions():
         text = path.read_text()
         assert not re.search(r"\b\d+\.\d+\.\d+\b", text), path
         assert not re.search(r"(python|cuda|torch|tensorflow)\s*[=:]?\s*\d+\.\d+", text, re.I), path
+
+
+def test_wheel_toolchain_is_held_to_the_runtime_pins_and_layers_are_time_free():
+    """nvcc's wheel asks for nvidia-cuda-runtime unpinned: without the venv's lock as a constraint, pip --target
+    took the newest (13.5) and its headers overwrote torch's 13.0 ones in CUDA_HOME (CCCL then refuses every .cu)."""
+    text = dockerfile(cell("torch-2.11.0-cuda13.0-py3.11-devel-wheels"))
+    toolchain = text[text.index("AS toolchain"):text.index("\nFROM os\n")]
+    assert "-r /opt/builder-sources/requirements-devel.txt \\\n      -c /opt/venv/requirements.lock" in toolchain
+    # every tree the final stage copies has its times zeroed and is rooted at /, so /opt carries no build time
+    final = text[text.rindex("\nFROM os\n"):]
+    for tree in ("builder-export", "builder-venv", "builder-toolchain"):
+        assert f"/opt/{tree}/ /" in final and f"find /opt/{tree} -exec touch -h -d @0" in text, tree
+    assert "COPY --from=builder /opt/venv" not in final
