@@ -1,7 +1,14 @@
 """The CUDA 13 devel cell, built for real from NVIDIA's wheels and certified: nvcc, a PyTorch CUDA extension and
-torch.compile work in it, and it is the runtime image's layers plus the toolchain's. The one test that builds it."""
+torch.compile work in it, and it is the runtime image's layers plus the toolchain's. The one test that builds it.
+
+Opt-in: it runs only with BUILDER_TEST_DEVEL=1. Two torch builds (devel, then runtime with pip run again) and a
+certify take about 15 minutes on a 2-core machine, more than CI's time budget has left; run it by hand
+(`BUILDER_TEST_DEVEL=1 BUILDER_TEST_REPOSITORY=NAME pytest tests/integration/test_devel.py`) after changing the
+devel templates, the venv or toolchain layers, or the payload's devel checks."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -9,7 +16,9 @@ from builder.engine import Engine
 
 from .conftest import REPOSITORY, Work
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.slow,
+              pytest.mark.skipif(os.environ.get("BUILDER_TEST_DEVEL") != "1",
+                                 reason="the CUDA 13 devel cell takes about 15 minutes: opt in with BUILDER_TEST_DEVEL=1")]
 
 CELL = ["--framework", "torch==2.11.0", "--cuda", "13.0", "--python", "3.11"]
 DEVEL_TAG = f"{REPOSITORY}/torch:2.11.0-cuda13.0-cudnn9.19-py3.11-devel-debian12"
@@ -21,8 +30,10 @@ def layers(engine: Engine, tag: str) -> list[str]:
 
 
 def test_cuda13_devel_builds_certifies_and_layers_over_runtime(work: Work, engine: Engine) -> None:
-    work.cli("build", *CELL, "--flavor", "devel", check=True)
-    work.cli("build", "--only", RUNTIME_TAG, check=True)  # from the same layer cache: the shared layers
+    work.cli("build", *CELL, "--flavor", "devel", "--force", check=True)
+    # The devel build removed its builder stage, so pip runs again here: the environment's layer must come out
+    # byte-identical all the same (zeroed times, no .pyc), as it does when the two are built days apart.
+    work.cli("build", "--only", RUNTIME_TAG, "--force", check=True)
     devel, runtime = layers(engine, DEVEL_TAG), layers(engine, RUNTIME_TAG)
     # Every runtime layer but its last (cell.json, which names the flavor) is the devel image's own.
     shared = runtime[:-1]
