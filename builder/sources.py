@@ -47,6 +47,7 @@ NETWORK_SCHEMES = ("tcp", "http", "https", "ssh")
 # Where a base declares its apt mirrors (one-line and deb822 formats).
 APT_SOURCES = ("/etc/apt/sources.list", "/etc/apt/sources.list.d/debian.sources",
                "/etc/apt/sources.list.d/ubuntu.sources")
+_HREF = re.compile(r'href="([^"]*)"')
 _HTTP_HOST = re.compile(r"\bhttp://([A-Za-z0-9.-]+(?::[0-9]+)?)(?=[/\s]|$)", re.ASCII)
 
 
@@ -323,11 +324,18 @@ class PackageProxy:
             page_url = resp.geturl()
         parser = _Links()
         parser.feed(body)
-        for href in set(parser.hrefs):
+        hrefs = set(parser.hrefs)
+
+        def local(match: re.Match[str]) -> str:
+            href = match[1]
+            if href not in hrefs:
+                return match[0]
             absolute, _, fragment = urllib.parse.urljoin(page_url, href).partition("#")
             name = absolute.rsplit("/", 1)[-1]
-            local = f"/files/{_token(absolute)}/{name}" + (f"#{fragment}" if fragment else "")
-            body = body.replace(f'href="{href}"', f'href="{local}"')
+            return f'href="/files/{_token(absolute)}/{name}' + (f"#{fragment}" if fragment else "") + '"'
+
+        # One pass over the page: a str.replace per link was quadratic (grpcio's page, 11,282 links: 28 s).
+        body = _HREF.sub(local, body)
         self._send(req, body.encode(), "text/html; charset=utf-8")
 
     def _link(self, req: BaseHTTPRequestHandler, index: int, name: str | None) -> None:
