@@ -23,14 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HASH_LABEL = "org.builder.hash"  # builder.engine.HASH, repeated here so this path imports no SDK
+from builder import assets, labels
+
+HASH_LABEL = labels.HASH
 PACKAGE = Path(__file__).resolve().parent
 # What decides the cells and their content hashes, besides the matrix file and the selectors.
 # Every module of the package and the matrix package: any code change re-checks by the full path (cheap to
 # read, and no list of "the modules that render" to keep in step with the code).
 INPUTS = ("*.py", "matrix/*.py")
 DEFAULT_SOCKET = "/var/run/docker.sock"
-TEMPLATES = PACKAGE.parent / "templates"  # builder.render.TEMPLATES
+TEMPLATES = assets.TEMPLATES  # builder.render.TEMPLATES: the checkout's templates/ or an installed copy
 
 
 @dataclass(frozen=True, kw_only=True)
