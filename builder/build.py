@@ -220,7 +220,11 @@ def _build_one(
                                         stop=stop, build_args=proxy.build_args() if proxy else None,
                                         nocache=options.no_layer_cache)
         except BuildFailed as exc:
-            raise BuildFailed(str(exc), tail, str(log_path)) from None
+            message = str(exc)
+            if proxy is not None and proxy.errors:  # the upstream's own words, not just pip's
+                more = f" (and {len(proxy.errors) - 1} more)" if len(proxy.errors) > 1 else ""
+                message += f"; the package proxy's upstream failed: {proxy.errors[-1][:300]}{more}"
+            raise BuildFailed(message, tail, str(log_path)) from None
         if steps:
             steps[-1][2] = round(time.monotonic() - steps[-1][2], 2)
         upstream = proxy.upstream_bytes if proxy else 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import html.parser
 import ipaddress
 import logging
@@ -309,10 +310,12 @@ class PackageProxy:
                 req.send_error(404)
         except urllib.error.HTTPError as exc:
             req.send_error(exc.code, str(exc.reason))
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            # Named by the file, not the path: a path's token encodes the upstream URL, credentials and all.
+            what = parts[-1] if parts and parts[-1] else "index"
             with self._lock:
-                self.errors.append(f"{req.path}: {exc}")
-            req.send_error(502, f"upstream failed: {exc}")
+                self.errors.append(f"{what}: {type(exc).__name__}: {exc}")
+            req.send_error(502, f"upstream failed: {type(exc).__name__}")
 
     def _page(self, req: BaseHTTPRequestHandler, index: int, project: str) -> None:
         if index >= len(self.upstreams):
@@ -407,6 +410,9 @@ class PackageProxy:
                 with os.fdopen(fd, "wb") as out, self._open(upstream, "*/*") as resp:
                     shutil.copyfileobj(resp, out, 1 << 20)
                     fetched = out.tell()
+                    length = resp.headers.get("Content-Length")
+                    if length is not None and length.isdigit() and int(length) != fetched:
+                        raise OSError(f"upstream sent {fetched} of {length} bytes")
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):

@@ -106,6 +106,7 @@ class FakeEngine:
     def build(self, files: dict[str, bytes], *, tag: str, labels: dict[str, str], on_line: Callable[[str], None],
               stop: threading.Event, nocache: bool = False, build_args: dict[str, str] | None = None) -> str:
         self.calls.append(("build", tag))
+        self.last_files = files
         self.builds.append({"tag": tag, "files": dict(files), "build_args": dict(build_args or {})})
         cid = "c0ffee" + hashlib.sha256(tag.encode()).hexdigest()[:58]
         self.containers.add(cid)  # the classic builder's step container, while the build runs

@@ -383,3 +383,24 @@ def test_a_pulled_image_is_probed_for_gpus_as_it_is(tmp_path):
     res, _ = certify(engine, tmp_path, image=pulled.id)
     assert ("gpu_probe", pulled.id, engine.calls[0][2]) == engine.calls[0]
     assert res.level == "gpu-certified"
+
+
+def test_a_failed_build_shows_what_the_proxy_upstream_said(tmp_path):
+    import re
+    import urllib.error
+    import urllib.request
+
+    from builder.sources import _token
+
+    def fetch_through_the_proxy(tag, stop):
+        proxy = re.search(r"index-url = (http://[0-9.:]+)/", engine.last_files["sources/pip.conf"].decode())[1]
+        with pytest.raises(urllib.error.HTTPError):  # pip would see a 502 here, and say little more
+            urllib.request.urlopen(f"{proxy}/files/{_token('http://127.0.0.1:9/x-1.0-py3-none-any.whl')}/"
+                                   "x-1.0-py3-none-any.whl", timeout=30)
+
+    engine = FakeEngine(failing_builds={CUDA_CELL.tag: "pip: could not fetch x"}, on_build=fetch_through_the_proxy)
+    engine.add_image(CUDA_CELL.base.image)
+    options = dataclasses.replace(build_opts(tmp_path), sources=Sources(proxy=True, cache_dir=tmp_path / "c"))
+    [result] = build_cells(engine, [CUDA_CELL], options)
+    assert result.status == "failed"
+    assert "the package proxy's upstream failed: x-1.0-py3-none-any.whl: URLError" in result.error

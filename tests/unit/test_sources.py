@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import urllib.error
 import urllib.request
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -116,3 +117,37 @@ def test_proxy_serves_local_find_links(tmp_path):
         assert "demo-2.0-py3-none-any.whl" in _get(f"{proxy.url}/links/0/").decode()
         assert _get(f"{proxy.url}/links/0/demo-2.0-py3-none-any.whl") == b"local"
         assert proxy.upstream_bytes == 0
+
+
+def test_an_upstream_that_breaks_off_mid_download_is_kept_as_an_error(tmp_path):
+    import ssl
+    from http.server import BaseHTTPRequestHandler
+
+    class Short(BaseHTTPRequestHandler):
+        def do_GET(self):  # promises 1,000,000 bytes, sends 10, hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.write(b"x" * 10)
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Short)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    upstream = f"http://127.0.0.1:{server.server_address[1]}/files/big-1.0-py3-none-any.whl"
+    from builder.sources import _token
+
+    try:
+        with PackageProxy([], tmp_path / "cache", ssl.create_default_context()) as proxy:
+            with pytest.raises(urllib.error.HTTPError) as err:
+                _get(f"{proxy.url}/files/{_token(upstream)}/big-1.0-py3-none-any.whl")
+            assert err.value.code == 502
+            assert len(proxy.errors) == 1 and proxy.errors[0].startswith("big-1.0-py3-none-any.whl: ")
+            assert _token(upstream) not in proxy.errors[0]  # the token encodes the URL: never in a message
+            assert proxy.upstream_bytes == 0
+        assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no half file cached
+    finally:
+        server.shutdown()
