@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import html.parser
+import http.client
 import ipaddress
 import logging
 import os
