@@ -16,7 +16,7 @@ from builder.matrix.model import Matrix, dotted, printable
 
 # cuDNN majors and the CUDA majors NVIDIA ships them for (cuDNN support matrix, docs.nvidia.com/deeplearning/cudnn).
 CUDNN_CUDA_MAJORS = {"7": {"10", "11"}, "8": {"10", "11", "12"}, "9": {"11", "12", "13"}}
-# The nvidia/cuda tag's cuDNN piece and the cuDNN major it means (nvidia/cuda tag list; see COMPAT.md).
+# The nvidia/cuda tag's cuDNN piece and the cuDNN major it means (NVIDIA's nvidia/cuda tag lists; docs/SOURCES.md).
 CUDNN_TOKEN_MAJOR = {"cudnn8": "8", "cudnn9": "9", "cudnn": "9"}
 # Minor-version compatibility floors per CUDA major (CUDA compatibility guide, "minor version compatibility").
 DRIVER_FLOOR = {"11": "450", "12": "525", "13": "580"}
