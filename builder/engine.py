@@ -120,7 +120,7 @@ class ContainerEngine(Protocol):
 
     def files(self, image_id: str) -> AbstractContextManager[Callable[[str], bytes | None]]: ...
 
-    def remove_containers(self, label: str = MANAGED, since: float | None = None, running: bool = True) -> int: ...
+    def remove_containers(self, label: str = MANAGED, running: bool = True) -> int: ...
 
     def remove_container_ids(self, ids: Iterable[str]) -> int: ...
 
@@ -511,8 +511,8 @@ class Engine:
         return removed
 
     @_translated
-    def remove_containers(self, label: str = MANAGED, since: float | None = None, running: bool = True) -> int:
-        """Force-remove the containers carrying `label` (created at or after `since`, if given).
+    def remove_containers(self, label: str = MANAGED, running: bool = True) -> int:
+        """Force-remove the containers carrying `label`.
 
         The classic builder's intermediate containers carry the Dockerfile's own managed label, so
         this also clears what an interrupted build left. running=False spares running containers:
@@ -520,8 +520,6 @@ class Engine:
         """
         removed = 0
         for c in self.api.containers(all=True, filters={"label": label}):
-            if since is not None and c.get("Created", 0) < int(since) - 1:
-                continue
             if not running and c.get("State") == "running":
                 continue
             try:

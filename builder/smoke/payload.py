@@ -219,11 +219,6 @@ def driver_probe():
     return probe
 
 
-def host_driver():
-    """The NVIDIA driver version on this machine, or None; driver_probe() says why (certify.py uses this)."""
-    return driver_probe()["version"]
-
-
 def hidden_by_environment():
     """The environment variables that decide which GPUs a process may see, as they are set."""
     return {var: os.environ.get(var) for var in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")}

@@ -175,7 +175,7 @@ class FakeEngine:
             removed += 1
         return removed
 
-    def remove_containers(self, label: str = MANAGED, since: float | None = None, running: bool = True) -> int:
+    def remove_containers(self, label: str = MANAGED, running: bool = True) -> int:
         n = len(self.containers)
         self.containers.clear()
         return n

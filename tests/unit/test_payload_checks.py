@@ -46,7 +46,7 @@ def no_proc_driver(tmp_path, monkeypatch):
 def test_failing_nvidia_smi_is_no_driver_and_says_why(tmp_path, monkeypatch, no_proc_driver):
     msg = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
     monkeypatch.setenv("PATH", str(fake_nvidia_smi(tmp_path, f"echo \"{msg}\"\nexit 9\n")))
-    assert payload.host_driver() is None
+    assert payload.driver_probe()["version"] is None
     probe = payload.driver_probe()
     assert probe["version"] is None and probe["gpu_count"] is None
     assert probe["nvidia_smi"] == {"exit_code": 9, "output": msg}
@@ -55,7 +55,7 @@ def test_failing_nvidia_smi_is_no_driver_and_says_why(tmp_path, monkeypatch, no_
 
 def test_nvidia_smi_exiting_0_without_a_version_is_no_driver(tmp_path, monkeypatch, no_proc_driver):
     monkeypatch.setenv("PATH", str(fake_nvidia_smi(tmp_path, "echo 'No devices were found'\n")))
-    assert payload.host_driver() is None
+    assert payload.driver_probe()["version"] is None
     assert "printed no driver version: 'No devices were found'" in payload.driver_probe()["reason"]
 
 
@@ -63,7 +63,7 @@ def test_nvidia_smi_lists_gpus_and_driver(tmp_path, monkeypatch, no_proc_driver)
     lines = "NVIDIA H200, 550.54.15\\nNVIDIA H200, 550.54.15"
     monkeypatch.setenv("PATH", str(fake_nvidia_smi(tmp_path, f"printf '{lines}\\n'\n")))
     probe = payload.driver_probe()
-    assert payload.host_driver() == "550.54.15"
+    assert payload.driver_probe()["version"] == "550.54.15"
     assert probe["gpus"] == ["NVIDIA H200", "NVIDIA H200"] and probe["gpu_count"] == 2 and probe["reason"] is None
 
 
