@@ -47,9 +47,13 @@ ESTIMATES: dict[tuple[str, bool], Figure] = {
         "torch CPU: not measured here (the PyTorch CPU index is unreachable from these machines); "
         "a ~200 MB wheel on a 0.4 GB OS+Python base, so about 1 GB and half a CUDA build")),
 }
-# devel cells start from an nvidia/cuda devel image: its toolkit adds gigabytes and a pull. A rough figure
-# (the devel images are not reachable from these machines to measure).
-DEVEL_EXTRA = Figure(size=4 * GB, build_s=60, certify_s=0, source="nvidia/cuda devel base: about +4 GB, +60 s")
+# What a devel cell adds to its runtime cell. With the compiler from NVIDIA's wheels (the CUDA 13 line) it was
+# measured; the CUDA 12 line starts from an nvidia/cuda devel image, which can't be pulled here to measure.
+DEVEL_FROM_WHEELS = Figure(size=630_000_000, build_s=90, certify_s=164, source=(
+    "devel toolchain from wheels, torch 2.11.0 / CUDA 13.0: +630 MB (5,612 against 4,982 MB), certify 216 s "
+    "against about 52 s for the runtime image (compile.torch and a CUDA extension build); build about +90 s"))
+DEVEL_FROM_BASE = Figure(size=4 * GB, build_s=60, certify_s=164, source=(
+    "nvidia/cuda devel base: about +4 GB and a pull (not measured here); certify as for the CUDA 13 devel cell"))
 # A framework with no figure of its own costs what the dearest known one does: better over than under.
 UNKNOWN = max(ESTIMATES.values(), key=lambda f: f.build_s + f.certify_s + f.size / TRANSFER_BYTES_PER_S)
 
@@ -73,8 +77,9 @@ def estimate(cell: Cell) -> Figure:
     base = ESTIMATES.get((cell.framework, cell.cuda is not None), UNKNOWN)
     if cell.flavor != "devel":
         return base
-    return Figure(size=base.size + DEVEL_EXTRA.size, build_s=base.build_s + DEVEL_EXTRA.build_s,
-                  certify_s=base.certify_s, source=f"{base.source}; {DEVEL_EXTRA.source}")
+    extra = DEVEL_FROM_WHEELS if cell.toolchain else DEVEL_FROM_BASE
+    return Figure(size=base.size + extra.size, build_s=base.build_s + extra.build_s,
+                  certify_s=base.certify_s + extra.certify_s, source=f"{base.source}; {extra.source}")
 
 
 def _positive(value: object) -> float | None:

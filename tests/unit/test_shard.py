@@ -68,6 +68,13 @@ def test_estimates_by_framework_cuda_and_flavor(cells: list[Cell]) -> None:
     tf_cuda = shard.estimate(by_tag["builder/tensorflow:2.18.0-cuda12.5-cudnn9.3-py3.11-runtime-debian12"])
     assert torch_cuda.size == int(5.5e9) and tf_cuda.size == int(5.2e9) and tf_cpu.size == int(1.5e9)
     assert torch_devel.size > torch_cuda.size and torch_devel.build_s > torch_cuda.build_s
+    assert torch_devel.certify_s > torch_cuda.certify_s  # compile.torch and the extension build: 216 s against 52
+    wheel_devel = next(c for c in cells if c.flavor == "devel" and c.toolchain)  # CUDA 13: nvcc from wheels
+    runtime = next(c for c in cells if c.flavor == "runtime" and c.framework == wheel_devel.framework
+                   and c.version == wheel_devel.version and c.cuda == wheel_devel.cuda
+                   and c.python == wheel_devel.python and c.base.name == wheel_devel.base.name)
+    extra = shard.estimate(wheel_devel).size - shard.estimate(runtime).size
+    assert extra == 630_000_000 and "5,612" in shard.estimate(wheel_devel).source  # measured, not the +4 GB base
     assert all(f.source for f in (torch_cuda, torch_devel, tf_cpu, tf_cuda))
 
 
