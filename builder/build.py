@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from builder import __version__
+from builder import __version__, models
 from builder.bases import ensure_base
 from builder.engine import ContainerEngine, ImageInfo
 from builder.errors import BuilderError, BuildFailed, Interrupted
@@ -51,6 +51,7 @@ class BuildOptions:
     fail_fast: bool = False
     keep_cache: bool = False
     no_layer_cache: bool = False  # --no-cache: the engine reuses no layer (a cold build)
+    model_mirror: str | None = None  # --model-mirror: where models are fetched from (never in an image or log)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,6 +193,9 @@ def _build_one(
     context = render(cell, base_id=base_id)
     # A remote engine may have no route out: its apt reaches the base's mirrors through our proxy too.
     apt = _apt_mirrors(engine, base_id, cell) if listen != LOOPBACK and options.sources.proxy else frozenset()
+    # The cell's models, each fetched once into the host cache (shared by every cell) and verified first.
+    model_files, model_bytes = models.context_files(context.models.values(), options.sources.cache_dir,
+                                                    options.model_mirror)
     tail: list[str] = []
     steps: list[list[Any]] = []  # [n, instruction, seconds]: where a build's time goes, kept in its record
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -216,7 +220,8 @@ def _build_one(
 
         try:
             with watch_packages(progress, cell, proxy):
-                image_id = engine.build({**context.files, **src}, tag=cell.tag, labels=labels, on_line=on_line,
+                image_id = engine.build(
+                    {**context.files, **model_files, **src}, tag=cell.tag, labels=labels, on_line=on_line,
                                         stop=stop, build_args=proxy.build_args() if proxy else None,
                                         nocache=options.no_layer_cache)
         except BuildFailed as exc:
@@ -237,7 +242,7 @@ def _build_one(
         "tag": cell.tag, "image_id": image_id, "content_hash": context.content_hash, "created": created,
         "seconds": round(seconds, 1), "size": info.size if info else 0, "upstream_bytes": upstream,
         "cached_bytes": cached, "fetched_files": fetched_files, "steps": steps, "lock": lock.decode().split(),
-        "cell": cell.claims(),
+        "cell": cell.claims(), "model_bytes": model_bytes,
         "tool": __version__,
     }
     state.write_record(cell.tag, record)

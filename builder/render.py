@@ -12,14 +12,14 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 
-from builder import assets, labels, tags
+from builder import assets, labels, models, tags
 from builder.errors import UsageError
-from builder.matrix.model import Cell, printable
+from builder.matrix.model import Cell, Model, printable
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = assets.TEMPLATES  # the source tree's templates/, or the copy an installed wheel ships
@@ -47,8 +47,11 @@ RENDER_MARK = ".builder-render"
 @dataclass(frozen=True, kw_only=True)
 class BuildContext:
     cell: Cell
-    files: dict[str, bytes]  # path inside the context -> content; sources/ excluded
+    files: dict[str, bytes]  # path inside the context -> content; sources/ and model layers excluded
     content_hash: str
+    # The model layers the context needs (path inside the context -> model): `build` fetches and adds them. Each
+    # path names the model's sha256 in the Dockerfile, so the content hash covers the model without its bytes.
+    models: dict[str, Model] = field(default_factory=dict)
 
     @property
     def dir_name(self) -> str:
@@ -150,6 +153,9 @@ def dockerfile(cell: Cell) -> str:
         python_dev=python_dev, python_exe=python_exe, cuda_libs=CUDA_LIBS,
         cuda_libs_dir=CUDA_LIBS.rsplit("/", 1)[0],
         site_packages=f"/opt/venv/lib/python{cell.python}/site-packages",
+        models=[{"name": m.name, "hub": m.hub, "url": m.url, "sha256": m.sha256, "context": models.context_path(m),
+                 "path": models.image_path(m)} for m in cell.models],
+        model_env=models.environment(cell.models),
     )
     # Collapse the blank runs that skipped partials leave behind.
     while "\n\n\n" in text:
@@ -177,4 +183,5 @@ def render(cell: Cell, base_id: str | None = None) -> BuildContext:
     }
     if cell.toolchain:
         files["requirements-devel.txt"] = ("\n".join(cell.toolchain) + "\n").encode()
-    return BuildContext(cell=cell, files=files, content_hash=content_hash(files, base_id or cell.base.image))
+    return BuildContext(cell=cell, files=files, content_hash=content_hash(files, base_id or cell.base.image),
+                        models={models.context_path(m): m for m in cell.models})

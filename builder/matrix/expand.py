@@ -16,7 +16,7 @@ from typing import Any
 from builder import tags
 from builder.errors import MatrixError
 from builder.matrix import schema
-from builder.matrix.model import Base, Bootstrap, Cell, Matrix, Selection, Wanted, dotted, printable
+from builder.matrix.model import Base, Bootstrap, Cell, Matrix, Model, Selection, Wanted, dotted, printable
 from builder.matrix.rules import CUDNN_TOKEN_MAJOR, Violation
 
 
@@ -200,6 +200,8 @@ def _resolve(matrix: Matrix, gi: int, combo: Combo) -> Cell | Violation:
         index_name=build.index if build.index != "pypi" else None,
         requirements=_requirements(fw, combo, build, fv),
         toolchain=_toolchain(combo, build),
+        models=tuple(Model(name=m.name, hub=m.hub, url=m.url, sha256=m.sha256, input=tuple(m.input), arch=m.arch)
+                     for m in group.models),
         driver_ga=release.driver.ga if release else None,
         driver_floor=release.driver.floor if release else None,
         unverified=unverified,
@@ -219,6 +221,50 @@ def _requirements(
     reqs = [f"{package}=={combo.version}"]
     reqs += [f"{name}=={v}" for name, v in fv.companions.items()]
     return tuple(reqs + list(build.pins))
+
+
+# What each hub's loading code needs in the image besides the framework, and why (read from their metadata and
+# source): a name the cell's requirements must pin, and the condition under which it is needed.
+MODEL_NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "torch": (("torchvision", "certify builds the model's torchvision architecture ('arch')"),),
+    "tfhub": (
+        ("tensorflow-hub", "tensorflow_hub.load is the hub's loading API"),
+        ("tf-keras", "tensorflow-hub 0.16 imports tf_keras when tf.keras is Keras 3 (TensorFlow 2.16 on)"),
+        ("setuptools", "tensorflow_hub imports pkg_resources, which a Python 3.12+ venv lacks"),
+    ),
+}
+MODEL_FRAMEWORK = {"torch": "torch", "tfhub": "tensorflow"}
+
+
+def _model_needs(cell: Cell, hub: str) -> list[tuple[str, str]]:
+    """The packages `hub`'s models need in `cell`, with why: tf-keras only under Keras 3, setuptools from 3.12."""
+    out = []
+    for name, why in MODEL_NEEDS[hub]:
+        if name == "tf-keras" and tuple(int(p) for p in cell.version.split(".")[:2]) < (2, 16):
+            continue
+        if name == "setuptools" and tuple(int(p) for p in cell.python.split(".")) < (3, 12):
+            continue
+        out.append((name, why))
+    return out
+
+
+def model_problems(matrix: Matrix, gi: int, cell: Cell) -> list[str]:
+    """Why `cell` cannot load the models its group lists: a model of another framework, or a loading package
+    missing from its requirements (named with the version to pin and where)."""
+    problems = []
+    pinned = {re.split(r"[\[=]", r, maxsplit=1)[0].lower().replace("_", "-") for r in cell.requirements}
+    vpath = ("frameworks", cell.framework, "versions", cell.version)
+    for i, model in enumerate(cell.models):
+        where = f"{matrix.where(('images', gi, 'models', i))}: {dotted(('images', gi, 'models', i))}"
+        if MODEL_FRAMEWORK[model.hub] != cell.framework:
+            problems.append(f"{where}: a {model.hub} model needs {MODEL_FRAMEWORK[model.hub]}, and this group "
+                            f"builds {cell.framework}: list it in a {MODEL_FRAMEWORK[model.hub]} group")
+            continue
+        for name, why in _model_needs(cell, model.hub):
+            if name not in pinned:
+                problems.append(f"{where}: {model.name} needs {name} in {cell.framework} {cell.version}'s image "
+                                f"({why}): pin it in the companions of {matrix.where(vpath)}")
+    return problems
 
 
 # The pieces of a CUDA toolkit's wheels that compile: nvcc (with ptxas, fatbinary, nvlink), cicc (nvvm), the
@@ -336,6 +382,7 @@ def expand(matrix: Matrix, selection: Selection | None = None) -> tuple[list[Cel
                 if problem:
                     errors.append(f"{where}: {dotted(path)}: {combo}: {problem}")
                     continue
+                errors += [p for p in model_problems(matrix, gi, result) if p not in errors]
                 group_cells.append(result)
                 continue
             rejection = Rejection(combo=combo, violation=result, where=where, tags=_candidate_tags(matrix, gi, combo))

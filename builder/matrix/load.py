@@ -30,6 +30,8 @@ PATTERN_NAMES = {
     schema.CUDA_LINE: 'a CUDA line such as "12.1", or cpu',
     schema.REQUIREMENT: "an exact pin such as nvidia-cudnn-cu12==9.3.0.75",
     schema.NOTE: "one line of printable text",
+    schema.SHA256: "a sha256: 64 lower-case hex digits",
+    schema.MODEL_URL: "an http(s) model URL ending in its file name, without query or user",
 }
 
 # Limits on what a matrix file may cost to read. The default matrix is about 10 KB, 800 nodes and 8 levels

@@ -34,6 +34,18 @@ class Base:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Model:
+    """A pretrained model a cell bakes in (schema.ModelSpec): its canonical `url` is the hub's cache key."""
+
+    name: str
+    hub: str  # torch or tfhub
+    url: str
+    sha256: str
+    input: tuple[int, ...]
+    arch: str | None = None  # torch: the torchvision architecture the weights fit
+
+
+@dataclass(frozen=True, kw_only=True)
 class Cell:
     """One image the matrix asks for, with everything it claims."""
 
@@ -55,6 +67,7 @@ class Cell:
     notes: tuple[str, ...] = field(default=())
     index_name: str | None = None  # the matrix's name for `index` (e.g. pytorch-cu118); None: the default
     toolchain: tuple[str, ...] = ()  # a devel cell's CUDA compiler from wheels (cuda-toolkit extras); () for none
+    models: tuple[Model, ...] = ()  # pretrained models baked in, each a layer of its own (builder.models)
 
     @property
     def cuda_label(self) -> str:
@@ -91,6 +104,8 @@ class Cell:
         data = asdict(self)
         data["tag"] = self.tag
         data["index"] = data.pop("index_name") or "default"
+        if not self.models:  # a cell without models claims exactly what it claimed before models existed
+            del data["models"]
         if data["base"]["bootstrap"]:
             data["base"]["bootstrap"] = {"suite": self.base.bootstrap.suite if self.base.bootstrap else None}
         return data

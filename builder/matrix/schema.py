@@ -7,6 +7,7 @@ that an unquoted `3.10` becomes, and load.py turns that refusal into advice.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator, model_validator
@@ -31,6 +32,10 @@ CUDA_LINE = rf"^({N}\.{N}|cpu)$"
 REQUIREMENT = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,99}}(\[[a-z0-9,_-]{{1,99}}\])?=={N}(\.{N}){{0,3}}(\.post{N})?$"
 # One line of printable text: no control characters (ANSI escapes), and no Unicode line or paragraph breaks.
 NOTE = r"^[^\x00-\x1f\x7f\x{85}\x{2028}\x{2029}]*$"
+SHA256 = r"^[a-f0-9]{64}$"
+# A model's file name in its URL (the last path segment): what torch.hub caches it as, so no '/' and no '..'.
+MODEL_URL = (r"^https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?/([A-Za-z0-9._~%+-]{1,200}/){0,20}"
+             r"[A-Za-z0-9_~%+-][A-Za-z0-9._~%+-]{0,200}$")
 
 MajorMinor = Annotated[str, StringConstraints(pattern=MAJOR_MINOR)]
 Version = Annotated[str, StringConstraints(pattern=VERSION)]
@@ -44,6 +49,8 @@ CudnnToken = Annotated[str, StringConstraints(pattern=CUDNN_TOKEN)]
 CudaLine = Annotated[str, StringConstraints(pattern=CUDA_LINE)]
 Requirement = Annotated[str, StringConstraints(pattern=REQUIREMENT)]
 Note = Annotated[str, StringConstraints(max_length=300, pattern=NOTE)]
+Sha256 = Annotated[str, StringConstraints(pattern=SHA256)]
+ModelUrl = Annotated[str, StringConstraints(pattern=MODEL_URL)]
 
 Flavor = Literal["runtime", "devel"]
 FrameworkName = Literal["torch", "tensorflow"]
@@ -163,11 +170,50 @@ class ImageGroup(Strict):
     axes: Axes | None = None
     include: list[Combo] = []
     exclude: list[Combo] = []
+    models: list[ModelSpec] = []
 
     @model_validator(mode="after")
     def _something(self) -> ImageGroup:
         if self.axes is None and not self.include:
             raise ValueError("give 'axes', 'include', or both")
+        for i, model in enumerate(self.models):
+            for j, other in enumerate(self.models[:i]):
+                if model.name == other.name or model.url == other.url:
+                    same = "name" if model.name == other.name else "url"
+                    raise ValueError(f"models[{i}] has the same {same} as models[{j}]; list each model once")
+        return self
+
+
+# torchvision's weight files are named `<name>-<first hex digits of their sha256>.pth`.
+TORCH_HASH_PREFIX = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]{1,8}$")
+
+
+class ModelSpec(Strict):
+    """A pretrained model baked into a group's images: fetched once, verified by `sha256`, loaded offline.
+
+    `torch`: a weights file loaded with torch.hub.load_state_dict_from_url into the torchvision architecture
+    `arch`. `tfhub`: a TF Hub module URL in the compressed format, loaded with tensorflow_hub.load.
+    `input`: the shape of the fixed float32 input certify runs one forward pass on.
+    """
+
+    name: Name
+    hub: Literal["torch", "tfhub"]
+    url: ModelUrl
+    sha256: Sha256
+    arch: Name | None = None
+    input: list[Annotated[StrictInt, Field(ge=1, le=4096)]] = Field(min_length=1, max_length=6)
+
+    @model_validator(mode="after")
+    def _fits_hub(self) -> ModelSpec:
+        if self.hub == "torch" and self.arch is None:
+            raise ValueError("a torch model needs 'arch': the torchvision architecture its weights fit "
+                             "(e.g. resnet18), which certify builds to run the forward pass")
+        if self.hub == "tfhub" and self.arch is not None:
+            raise ValueError("'arch' is for torch models; a TF Hub module carries its own graph")
+        prefix = TORCH_HASH_PREFIX.search(self.url) if self.hub == "torch" else None
+        if prefix and not self.sha256.startswith(prefix[1]):
+            raise ValueError(f"the file name says its sha256 starts with {prefix[1]}, the pin is "
+                             f"{self.sha256[:len(prefix[1])]}...: one of them is wrong")
         return self
 
 

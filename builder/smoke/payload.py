@@ -13,6 +13,9 @@ Checks (status pass, fail or skip; each verdict is a function its tests feed fai
                       on the image's library path) against what the cell claims
   train.cpu.*, checkpoint, pip_check, compile.torch (skip, with the reason, when there is no compiler; in a
                       devel image, per the claims' flavor, no compiler fails)
+  model.NAME          each pretrained model the cell bakes in: loaded through the hub's own API with the network
+                      off (torch.hub.load_state_dict_from_url / tensorflow_hub.load must find it in the image's
+                      cache), one forward pass on a fixed input (finite, batch kept); name, sha256 and load time
   devel.*             devel images: cuda_version (nvcc's release equals torch.version.cuda), nvcc (a kernel to
                       cubin + PTX for sm_90 and a fatbin for every arch torch lists), cpp_extension (built
                       with TORCH_CUDA_ARCH_LIST set, imported, and with a GPU run against a reference)
@@ -44,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from contextlib import contextmanager
 
 SCHEMA = 2
@@ -591,6 +595,10 @@ class Adapter:
     def gpu_checks(self, report, args, inv):
         raise NotImplementedError
 
+    def load_model(self, model):
+        """Load a baked model through the hub's API and run one forward pass: (where, load s, output shape, finite)."""
+        raise NotImplementedError(f"the payload cannot load {model.get('hub')} models in a {self.name} image")
+
     def packages(self):
         found = {}
         for name in self.distributions:
@@ -739,6 +747,43 @@ def torch_all_reduce(torch, report, world, backend, timeout_s=ALL_REDUCE_TIMEOUT
     return all_reduce_verdict(report, backend, world, results, nbytes, len(procs), [p.exitcode for p in procs])
 
 
+def model_input_seed():
+    return 0
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_verdict(report, model, where, load_seconds, shape, finite, forward_seconds, seen_sha256=None):
+    """A baked model's check: it loaded from the image, its file is the pinned one (where the hub keeps the file
+    whole), and one forward pass on a fixed input kept the batch and gave finite numbers."""
+    name = f"model.{model['name']}"
+    values = {"model": model["name"], "hub": model["hub"], "sha256": model["sha256"], "path": where,
+              "load_seconds": round(load_seconds, 3), "forward_seconds": round(forward_seconds, 3),
+              "output_shape": list(shape)}
+    if seen_sha256 is not None and seen_sha256 != model["sha256"]:
+        return report.add(name, False, f"{where} has sha256 {seen_sha256}, the cell pins {model['sha256']}",
+                          **values)
+    batch = model["input"][0]
+    if not shape or shape[0] != batch:
+        return report.add(name, False, f"forward pass gave shape {list(shape)}, not a batch of {batch}", **values)
+    if not finite:
+        return report.add(name, False, f"forward pass on a fixed input gave non-finite values {list(shape)}",
+                          **values)
+    return report.add(name, True, f"loaded offline from {where} in {load_seconds:.2f} s; forward pass "
+                      f"{list(model['input'])} -> {list(shape)}", **values)
+
+
+def model_checks(adapter, report, claims):
+    for model in (claims or {}).get("models") or []:
+        report.guard(f"model.{model['name']}", lambda m=model: model_verdict(report, m, *adapter.load_model(m)))
+
+
 class TorchAdapter(Adapter):
     name = "torch"
     module = "torch"
@@ -847,6 +892,24 @@ class TorchAdapter(Adapter):
 
     def devel_checks(self, report, args, inv):
         torch_devel(self.fw, report, args, inv, gpu=bool(self.gpu_count()) and args.gpu != "off")
+
+    def load_model(self, model):
+        torch = self.fw
+        torchvision = importlib.import_module("torchvision")
+        name = os.path.basename(urllib.parse.urlsplit(model["url"]).path)
+        where = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+        t0 = time.perf_counter()
+        state = torch.hub.load_state_dict_from_url(model["url"], map_location="cpu", progress=False)
+        net = torchvision.models.get_model(model["arch"], weights=None)
+        net.load_state_dict(state)
+        loaded = time.perf_counter() - t0
+        net.eval()
+        x = torch.rand(*model["input"], generator=torch.Generator().manual_seed(model_input_seed()))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = net(x)
+        forward = time.perf_counter() - t0
+        return (where, loaded, tuple(out.shape), bool(torch.isfinite(out).all()), forward, file_sha256(where))
 
 
 def torch_gpu(torch, report, args, inv, device="cuda:0", world=None):
@@ -1189,6 +1252,26 @@ class TensorFlowAdapter(Adapter):
 
         report.guard("checkpoint", checkpoint)
 
+    def load_model(self, model):
+        tf = self.fw
+        with native_stderr(self.log):
+            hub = importlib.import_module("tensorflow_hub")
+            t0 = time.perf_counter()
+            where = hub.resolve(model["url"])
+            module = hub.load(model["url"])
+            loaded = time.perf_counter() - t0
+            x = tf.random.stateless_uniform(model["input"], seed=(model_input_seed(), 0))
+            t0 = time.perf_counter()
+            if callable(module):
+                out = module(x)
+            else:
+                signature = module.signatures["serving_default"]
+                out = signature(**{next(iter(signature.structured_input_signature[1])): x})
+            if isinstance(out, dict):
+                out = next(iter(out.values()))
+            forward = time.perf_counter() - t0
+        return (where, loaded, tuple(out.shape), bool(tf.reduce_all(tf.math.is_finite(out))), forward, None)
+
     def gpu_checks(self, report, args, inv):
         tf_gpu(self.fw, report, args, inv)
 
@@ -1510,6 +1593,7 @@ def run(adapter, report, claims, args, inv, probe):
     if claims:
         check_claims(report, claims, inv, adapter.name)
     adapter.train_cpu(report, args, inv)
+    model_checks(adapter, report, claims)
     args.devel = (claims or {}).get("flavor") == "devel"
     if args.compile != "off" or args.devel:  # a devel image must compile: --compile off does not skip it
         adapter.compile_check(report, args, inv)
