@@ -48,6 +48,7 @@ class ImageInfo:
     env: tuple[str, ...]
     parent: str  # the classic builder's parent image id, "" for none
     created: str
+    repo_digests: tuple[str, ...] = ()  # registry/repo@sha256:... the engine pulled or pushed it as
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,6 +199,7 @@ class Engine:
             env=tuple(config.get("Env") or ()),
             parent=str(attrs.get("Parent") or ""),
             created=str(attrs.get("Created") or ""),
+            repo_digests=tuple(attrs.get("RepoDigests") or ()),
         )
 
     def image(self, ref: str) -> ImageInfo | None:

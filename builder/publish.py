@@ -1,7 +1,9 @@
 """Publish and consume certified images: push to a registry, resolve pinned references, pull and verify.
 
 - push: only an image whose certificate matches it (the stamped label carries the certificate's
-  digest, and its parent is the tested image the certificate names), at the required level. The
+  digest, and its parent is the tested image the certificate names; or, for an image that `pull`
+  brought here, its source registry still holds this very image with this certificate beside it,
+  which the push records as where it was mirrored from), at the required level. The
   image goes under its cell tag, a tag that is never moved (content hash + certificate digest) and
   its aliases; the certificate goes beside it as an OCI artifact (`sha256-<hex>.cert`). Only then is
   the registry digest recorded, beside the certificate (index.json and publish/<tag>.json).
@@ -9,6 +11,8 @@
   that travels with it.
 - pull: pulls by digest and checks the image against that certificate; --recertify runs the smoke
   payload again and compares.
+
+The tool's own registry client speaks HTTPS or HTTP as the engine would (`open_registry`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,9 +31,9 @@ from typing import Any
 from builder import tags
 from builder.certify import CertifyOptions, certify_cells, digest
 from builder.engine import CERT_DIGEST, HASH, LEVEL, TAG, Engine, ImageInfo
-from builder.errors import BuilderError, NotCertified, RegistryError
+from builder.errors import BuilderError, EngineError, NotCertified, RegistryError
 from builder.matrix.model import Cell, Matrix
-from builder.registry import Registry, cert_tag, with_retries
+from builder.registry import Registry, cert_tag, engine_insecure, split_reference, with_retries
 from builder.state import PublishRecord, State, level_at_least
 
 log = logging.getLogger("builder")
@@ -75,14 +80,81 @@ class PushResult:
         return self.status in ("pushed", "unchanged")
 
 
-def check_certified(engine: Engine, state: State, cell: Cell, require: str,
-                    allow_uncertified: bool) -> tuple[ImageInfo, dict[str, Any] | None]:
-    """The stamped image and its certificate, or NotCertified saying in one line why it may not be pushed."""
+def open_registry(registry_name: str, engine: Engine | None) -> Registry:
+    """A client for the registry's host that speaks HTTPS or plain HTTP as `engine` does.
+
+    The engine moves the image and this client the certificate, so both must agree: a registry the
+    engine treats as insecure (`docker info` RegistryConfig) is insecure here too, and one it treats as
+    secure is never downgraded. With no engine, only loopback is insecure.
+    """
+    host = registry_name.split("/", 1)[0]
+    config = engine.info().get("RegistryConfig") if engine is not None else None
+    return Registry(host, insecure=engine_insecure(host, config if isinstance(config, dict) else None))
+
+
+def _any_engine() -> Engine | None:
+    """The engine DOCKER_HOST or the docker context names, if one answers: only its registry settings are read."""
+    try:
+        return Engine.connect(timeout=10)
+    except EngineError as exc:
+        log.debug("no engine to ask for its insecure registries (%s): only loopback is plain HTTP", exc)
+        return None
+
+
+def pulled_from(image: ImageInfo, cert: dict[str, Any],
+                registries: Callable[[str], Registry]) -> tuple[str | None, str]:
+    """The registry reference a pulled image came from, confirmed by that registry now; else None and why.
+
+    A pulled image has no local parent to show what certify tested. What stands in for it is what
+    `pull` checked, asked again: one of the references the engine pulled it as (`repo@sha256:...`)
+    still names a manifest whose config is this very image, with this certificate beside it.
+    """
+    if not image.repo_digests:
+        return None, "it has no registry digest either (it was not pulled)"
+    problems = []
+    for ref in image.repo_digests:
+        host, path, digest_ = split_reference(ref)
+        try:
+            registry = registries(host)
+            manifest = registry.manifest(path, digest_)
+            config = (manifest.data.get("config") or {}).get("digest") if manifest is not None else None
+            found = registry.certificate(path, digest_) if config == image.id else None
+        except RegistryError as exc:
+            problems.append(f"{ref}: {exc}")
+            continue
+        if manifest is None:
+            problems.append(f"{ref} is no longer in its registry")
+        elif config != image.id:
+            problems.append(f"{ref} is now another image")
+        elif found is None or found[0].get("digest") != cert["digest"]:
+            problems.append(f"{ref} has {'no' if found is None else 'another'} certificate beside it")
+        else:
+            return ref, ""
+    return None, "its source cannot confirm it: " + "; ".join(problems)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pushable:
+    """What check_certified found: the image, its certificate (None when pushed uncertified), its source."""
+
+    image: ImageInfo
+    cert: dict[str, Any] | None
+    mirrored_from: str | None = None  # registry/repo@sha256:... a pulled image was confirmed against
+
+
+def check_certified(engine: Engine, state: State, cell: Cell, require: str, allow_uncertified: bool,
+                    registries: Callable[[str], Registry] | None = None) -> Pushable:
+    """The stamped image and its certificate, or NotCertified saying in one line why it may not be pushed.
+
+    `registries` opens a client for a host; with it, an image that `pull` brought here (no local
+    parent) is pushable when its source registry confirms it (see pulled_from).
+    """
     image = engine.image(cell.tag)
     if image is None:
         raise NotCertified(f"{cell.tag}: no such image here: run `python -m builder build` and `certify` first")
     cert = state.read_certificate(cell.tag)
     problem = None
+    source = None
     if cert is None:
         problem = f"no certificate in {state.certificates_dir}: run `python -m builder certify`"
     elif digest(cert) != cert.get("digest"):
@@ -91,16 +163,21 @@ def check_certified(engine: Engine, state: State, cell: Cell, require: str,
         problem = (f"the image carries certificate {str(image.labels.get(CERT_DIGEST, 'none'))[:19]}, not "
                    f"{cert['digest'][:19]} from {state.certificate_path(cell.tag)}: the image or the certificate "
                    "changed since certify; run `python -m builder certify` again")
+    elif image.parent == "" and registries is not None and verify_certificate(cert, image.labels, cell.tag) is None:
+        source, why = pulled_from(image, cert, registries)
+        if source is None:
+            problem = (f"it was pulled, so no local parent shows what was tested, and {why}: make its source "
+                       "registry reachable (and `docker login` to it), or run `python -m builder certify` here")
     elif image.parent != cert["image"]["id"]:
         problem = (f"the image is not stamped on the tested image {cert['image']['id'][:19]} the certificate names: "
                    "run `python -m builder certify` again")
-    elif not level_at_least(str(cert.get("level")), require):
+    if problem is None and cert is not None and not level_at_least(str(cert.get("level")), require):
         problem = f"certified {cert.get('level')}, below the required {require}"
     if problem is None:
-        return image, cert
+        return Pushable(image=image, cert=cert, mirrored_from=source)
     if allow_uncertified:
         log.warning("%s: --allow-uncertified: pushing anyway: %s", cell.tag, problem)
-        return image, None
+        return Pushable(image=image, cert=None)
     raise NotCertified(f"{cell.tag}: not pushed: {problem} (--allow-uncertified overrides)")
 
 
@@ -109,11 +186,13 @@ def _now() -> str:
 
 
 def push_one(engine: Engine, registry: Registry, state: State, dest: Target, *, require: str,
-             allow_uncertified: bool, aliases: tuple[str, ...] = ()) -> PushResult:
+             allow_uncertified: bool, aliases: tuple[str, ...] = (),
+             registries: Callable[[str], Registry] | None = None) -> PushResult:
     """Push one cell's image, its tags and its certificate; record the digest only once all of it is in."""
     started = time.monotonic()
     cell = dest.cell
-    image, cert = check_certified(engine, state, cell, require, allow_uncertified)
+    found = check_certified(engine, state, cell, require, allow_uncertified, registries)
+    image, cert = found.image, found.cert
     names = [dest.tag, *aliases]
     if cert is not None:
         names.insert(1, tags.immutable_tag(str(cert["image"]["content_hash"]), str(cert["digest"])))
@@ -148,9 +227,11 @@ def push_one(engine: Engine, registry: Registry, state: State, dest: Target, *, 
             tag=cell.tag, registry=dest.registry, repository=dest.repository, digest=image_digest,
             reference=reference, tags=tuple(names), certificate_digest=str(cert["digest"]),
             certificate_artifact=artifact, image_id=image.id, noop=unchanged, seconds=round(seconds, 1),
-            time=_now()))
+            time=_now(), extra={"mirrored_from": found.mirrored_from} if found.mirrored_from else {}))
     status = "unchanged" if unchanged else "pushed"
     detail = "already in the registry (same manifest digest)" if unchanged else f"tags {', '.join(names)}"
+    if found.mirrored_from:
+        detail += f"; mirrored from {found.mirrored_from}, which holds it with this certificate"
     if cert is None:
         detail += "; uncertified (--allow-uncertified): no certificate pushed, nothing recorded"
     return PushResult(cell=cell, status=status, reference=reference, tags=tuple(names), seconds=seconds,
@@ -183,15 +264,23 @@ def _push_tag(engine: Engine, image_id: str, ref: str) -> str:
 def push_cells(engine: Engine, cells: list[Cell], state: State, registry_name: str, *, require: str,
                allow_uncertified: bool, aliases: dict[str, tuple[str, ...]] | None = None) -> list[PushResult]:
     """Push each cell; a cell that may not be pushed, or whose push fails, is one line and records nothing."""
-    registry = Registry(registry_name.split("/", 1)[0])
+    registry = open_registry(registry_name, engine)
     registry.ping()  # one clear line for a registry that is down, elsewhere, or wants a login
+    sources: dict[str, Registry] = {registry.host: registry}
+
+    def registries(host: str) -> Registry:  # the registries pulled images came from, opened once each
+        if host not in sources:
+            sources[host] = open_registry(host, engine)
+        return sources[host]
+
     results = []
     for cell in cells:
         dest = target(cell, registry_name)
         started = time.monotonic()
         try:
             results.append(push_one(engine, registry, state, dest, require=require,
-                                    allow_uncertified=allow_uncertified, aliases=(aliases or {}).get(cell.tag, ())))
+                                    allow_uncertified=allow_uncertified, aliases=(aliases or {}).get(cell.tag, ()),
+                                    registries=registries))
         except NotCertified as exc:
             results.append(PushResult(cell=cell, status="refused", detail=str(exc)))
         except RegistryError as exc:
@@ -252,8 +341,11 @@ def verify_certificate(cert: dict[str, Any], labels: dict[str, str], tag: str) -
     return None
 
 
-def resolve_cells(cells: list[Cell], registry_name: str, require: str) -> list[Resolved]:
-    registry = Registry(registry_name.split("/", 1)[0])
+def resolve_cells(cells: list[Cell], registry_name: str, require: str,
+                  engine: Engine | None = None) -> list[Resolved]:
+    """Ask the registry for each cell; the engine (given, or the one configured, if it answers) is asked
+    only whether it treats the registry as insecure."""
+    registry = open_registry(registry_name, engine or _any_engine())
     registry.ping()
     return [resolve_one(registry, target(cell, registry_name), require) for cell in cells]
 
@@ -353,7 +445,7 @@ def recertify_pulled(engine: Engine, cell: Cell, pulled: ImageInfo,
 
 def pull_cells(engine: Engine, cells: list[Cell], state: State, registry_name: str, *, require: str,
                recertify: bool, certify_options: CertifyOptions | None = None) -> list[PullResult]:
-    registry = Registry(registry_name.split("/", 1)[0])
+    registry = open_registry(registry_name, engine)
     registry.ping()
     results = []
     for cell in cells:

@@ -5,6 +5,11 @@ registry itself, with no engine) and pushes the certificate beside the image. Cr
 from the Docker config, through the Docker SDK's own reader (`docker login`, credential helpers);
 nothing is taken from the command line and nothing is written. Every failure becomes one
 RegistryError line, marked retryable for connection resets and 5xx answers (see `classify`).
+
+HTTPS or plain HTTP is decided as the engine decides it (`engine_insecure`): a registry the engine
+treats as insecure (its insecure-registries, loopback by default) is tried over HTTPS without
+verification, then plain HTTP, as Docker does; every other registry is HTTPS, verified, and never
+downgraded.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import requests
+from urllib3.exceptions import InsecureRequestWarning
 
 from builder.errors import RegistryError
 
@@ -43,6 +51,10 @@ _KINDS: tuple[tuple[str, bool, str], ...] = (
     (r"connection refused|no such host|name or service not known|no route to host|network is unreachable|"
      r"cannot assign requested",
      False, "nothing answers at {registry} ({detail}): start the registry, or fix the host:port in --registry"),
+    (r"\bssl|\btls\b|certificate verify failed|wrong version number|server gave http response to https client",
+     False, "{registry} failed the TLS handshake ({detail}): the engine treats it as a secure registry, so "
+     "builder speaks verified HTTPS to it too; a plain-HTTP or self-signed registry must be in the engine's "
+     "insecure-registries (daemon.json)"),
     (r"no basic auth credentials|authentication required|unauthorized|status 401|\b401\b",
      False, "{registry} requires a login: run `docker login {registry}` (builder reads credentials only from "
      "the Docker config)"),
@@ -62,7 +74,8 @@ def classify(message: str, registry: str, what: str = "the request") -> Registry
     full = " ".join(message.split())
     known = re.search(r"connection refused|name or service not known|no route to host|connection reset by peer|"
                       r"remote end closed connection without response|read timed out|connect timeout|"
-                      r"method not allowed|requested access to the resource is denied|authentication required",
+                      r"method not allowed|requested access to the resource is denied|authentication required|"
+                      r"wrong version number|certificate verify failed|server gave http response to https client",
                       full, re.I)
     detail = known[0].lower() if known else full[:200]  # urllib3's wrapping adds nothing a person needs
     low = full.lower()
@@ -109,6 +122,42 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def engine_insecure(host: str, registry_config: Mapping[str, Any] | None,
+                    resolve: Callable[[str], list[str]] | None = None) -> bool:
+    """Whether the engine whose `docker info` RegistryConfig this is treats registry `host` as insecure.
+
+    Docker's own rule (registry/config.go, isSecureIndex): a host named in IndexConfigs is what its
+    `Secure` says; any other is insecure when one of its addresses lies in InsecureRegistryCIDRs (which
+    holds 127.0.0.0/8 unless the engine was told otherwise). Names are resolved here, not on the
+    engine's host. With no engine to ask, only loopback is insecure.
+    """
+    if registry_config is None:
+        return is_loopback(host)
+    index = (registry_config.get("IndexConfigs") or {}).get(host)
+    if isinstance(index, Mapping):
+        return not index.get("Secure", True)
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    name = name.strip("[]")
+    try:
+        addresses = [ipaddress.ip_address(name)]
+    except ValueError:
+        try:
+            addresses = [ipaddress.ip_address(a.split("%")[0]) for a in (resolve or _addresses)(name)]
+        except (OSError, ValueError):
+            addresses = []  # unresolvable here: no CIDR can match, as in Docker
+    networks = []
+    for cidr in registry_config.get("InsecureRegistryCIDRs") or []:
+        try:
+            networks.append(ipaddress.ip_network(str(cidr), strict=False))
+        except ValueError:
+            continue
+    return any(a in n for a in addresses for n in networks if a.version == n.version)
+
+
+def _addresses(name: str) -> list[str]:
+    return sorted({str(info[4][0]) for info in socket.getaddrinfo(name, None)})
+
+
 def docker_credentials(host: str) -> tuple[str, str] | None:
     """(user, secret) for `host` from the Docker config and its credential helpers, or None."""
     import docker.auth
@@ -147,14 +196,34 @@ class Manifest:
 
 
 class Registry:
-    """One registry host. Loopback registries are spoken to over plain HTTP (as Docker does), others HTTPS."""
+    """One registry host, over verified HTTPS unless `insecure` (default: loopback only; see engine_insecure).
 
-    def __init__(self, host: str, session: requests.Session | None = None) -> None:
+    An insecure registry is spoken to as Docker speaks to it: HTTPS without certificate verification
+    when it answers that way, else plain HTTP (chosen once, on the first request).
+    """
+
+    def __init__(self, host: str, session: requests.Session | None = None, *, insecure: bool | None = None) -> None:
         self.host = host
-        self.base = f"{'http' if is_loopback(host) else 'https'}://{host}/v2"
+        self.insecure = is_loopback(host) if insecure is None else insecure
         self.session = session or requests.Session()
+        self._base = None if self.insecure else f"https://{host}/v2"
+        self._verify = not self.insecure
         self._token: dict[str, str] = {}  # scope -> bearer token
         self._basic: tuple[str, str] | None = None
+
+    @property
+    def base(self) -> str:
+        """`scheme://host/v2`: for an insecure registry, HTTPS if it answers over TLS at all, else HTTP."""
+        if self._base is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", InsecureRequestWarning)
+                    self.session.get(f"https://{self.host}/v2/", timeout=TIMEOUT, verify=False)
+                self._base = f"https://{self.host}/v2"
+            except requests.exceptions.RequestException:  # no TLS there (or nothing): Docker then tries HTTP
+                self._base = f"http://{self.host}/v2"
+                log.debug("%s: insecure registry without TLS: plain HTTP", self.host)
+        return self._base
 
     # ----------------------------------------------------------------------------------- transport
     def _request(self, method: str, path: str, *, what: str, scope: str = "", ok: tuple[int, ...] = (200,),
@@ -167,8 +236,10 @@ class Registry:
             elif self._basic:
                 headers["Authorization"] = "Basic " + base64.b64encode(":".join(self._basic).encode()).decode()
             try:
-                resp = self.session.request(method, url, headers=headers, timeout=TIMEOUT, allow_redirects=True,
-                                            **kwargs)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", InsecureRequestWarning)
+                    resp = self.session.request(method, url, headers=headers, timeout=TIMEOUT, allow_redirects=True,
+                                                verify=self._verify, **kwargs)
             except requests.exceptions.RequestException as exc:
                 raise classify(str(exc), self.host, what) from None
             if resp.status_code == 401 and attempt == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -60,6 +61,7 @@ class NamespacedEngine:
     host_ip: str
     engine_ip: str
     data_size: str | None = None  # a tmpfs of this size as the data root, for a disk that fills up
+    insecure_registries: tuple[str, ...] = ()  # daemon.json insecure-registries: hosts or CIDRs spoken to over http
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -67,13 +69,13 @@ class NamespacedEngine:
         return f"tcp://{self.engine_ip}:{ENGINE_PORT}"
 
     @classmethod
-    def start(cls, data_size: str | None = None) -> NamespacedEngine:
+    def start(cls, data_size: str | None = None, insecure_registries: tuple[str, ...] = ()) -> NamespacedEngine:
         n = _free_subnet()
         tag = f"{os.getpid() % 100000}{next(_serial)}"  # unique per engine, even several in one process
         # A short root: containerd's socket lives under the exec root and socket paths are limited to 108 bytes.
         root = Path(tempfile.mkdtemp(prefix="brt-", dir="/tmp"))
         self = cls(root=root, netns=f"builder-rt-{tag}", veth=f"brt{tag}a", host_ip=f"10.213.{n}.1",
-                   engine_ip=f"10.213.{n}.2", data_size=data_size)
+                   engine_ip=f"10.213.{n}.2", data_size=data_size, insecure_registries=insecure_registries)
         try:
             self._up()
         except BaseException:
@@ -94,7 +96,8 @@ class NamespacedEngine:
         if self.data_size is not None:
             (self.root / "data").mkdir()
             _sh("mount", "-t", "tmpfs", "-o", f"size={self.data_size}", "builder-test-data", str(self.root / "data"))
-        (self.root / "daemon.json").write_text("{}\n")  # not the main engine's /etc/docker/daemon.json
+        config = {"insecure-registries": list(self.insecure_registries)} if self.insecure_registries else {}
+        (self.root / "daemon.json").write_text(json.dumps(config) + "\n")  # not the main engine's daemon.json
         log = (self.root / "dockerd.log").open("wb")
         # nsenter, not `ip netns exec`: the latter remounts /sys and dockerd then finds no devices cgroup.
         self.process = subprocess.Popen(

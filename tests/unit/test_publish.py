@@ -12,7 +12,7 @@ import pytest
 
 from builder import tags
 from builder.certify import digest as cert_digest
-from builder.engine import CERT_DIGEST, HASH, LEVEL, Engine, ImageInfo
+from builder.engine import CERT_DIGEST, HASH, LEVEL, TAG, Engine, ImageInfo
 from builder.errors import MatrixError, RegistryError
 from builder.matrix import expand, load_matrix
 from builder.matrix.aliases import assign
@@ -458,3 +458,192 @@ def test_a_403_from_the_registry_is_one_line_and_not_retried(flaky: Any, monkeyp
         Registry(f"127.0.0.1:{flaky.server_port}").ping()
     assert Flaky.seen == 1 and not err.value.retryable
     assert str(err.value).startswith(f"127.0.0.1:{flaky.server_port} denied the API check (status 403")
+
+
+# ------------------------------------------- HTTPS or HTTP, as the engine decides (recorded `docker info` shapes)
+
+# `docker info` RegistryConfig of this project's engine (Docker 20.10, no daemon.json settings).
+DEFAULT_ENGINE = {"IndexConfigs": {"docker.io": {"Mirrors": [], "Name": "docker.io", "Official": True,
+                                                 "Secure": True}},
+                  "InsecureRegistryCIDRs": ["127.0.0.0/8"], "Mirrors": []}
+# The test's namespaced engine (20.10.24) started with insecure-registries ["10.213.0.0/16", "registry.internal:5000"].
+INSECURE_ENGINE = {
+    "AllowNondistributableArtifactsCIDRs": [], "AllowNondistributableArtifactsHostnames": [],
+    "InsecureRegistryCIDRs": ["10.213.0.0/16", "127.0.0.0/8"],
+    "IndexConfigs": {"docker.io": {"Name": "docker.io", "Mirrors": [], "Secure": True, "Official": True},
+                     "registry.internal:5000": {"Name": "registry.internal:5000", "Mirrors": [], "Secure": False,
+                                                "Official": False}},
+    "Mirrors": []}
+NAMES = {"localhost": ["127.0.0.1", "::1"], "lab.example": ["10.213.7.1"], "registry.internal": ["192.0.2.9"],
+         "registry.example.com": ["203.0.113.5"]}
+
+
+def names(name: str) -> list[str]:
+    if name not in NAMES:
+        raise OSError(f"unknown host {name}")
+    return NAMES[name]
+
+
+@pytest.mark.parametrize(("host", "config", "insecure"), [
+    ("127.0.0.1:5000", DEFAULT_ENGINE, True),  # loopback: in the engine's default 127.0.0.0/8
+    ("localhost:5000", DEFAULT_ENGINE, True),  # by its address, as Docker resolves it
+    ("10.213.7.1:5000", DEFAULT_ENGINE, False),  # the veth address is secure to an engine not told otherwise
+    ("10.213.7.1:5000", INSECURE_ENGINE, True),  # ... and insecure to one with 10.213.0.0/16 in its CIDRs
+    ("lab.example:5000", INSECURE_ENGINE, True),  # a name whose address is in those CIDRs
+    ("registry.internal:5000", INSECURE_ENGINE, True),  # named in IndexConfigs with Secure false
+    ("registry.internal:5001", INSECURE_ENGINE, False),  # IndexConfigs names host:port, not the host
+    ("registry.example.com", INSECURE_ENGINE, False),
+    ("unknown.example:5000", INSECURE_ENGINE, False),  # unresolvable: no CIDR can match, as in Docker
+    ("docker.io", INSECURE_ENGINE, False),
+    ("127.0.0.1:5000", None, True),  # no engine to ask: loopback only
+    ("10.213.7.1:5000", None, False),
+])
+def test_a_registry_is_insecure_exactly_when_the_engine_treats_it_so(host: str, config: Any, insecure: bool) -> None:
+    from builder.registry import engine_insecure
+
+    assert engine_insecure(host, config, resolve=names) is insecure
+
+
+def test_index_configs_win_over_the_cidrs_as_in_docker() -> None:
+    from builder.registry import engine_insecure
+
+    config = {**INSECURE_ENGINE, "IndexConfigs": {"10.213.7.1:5000": {"Name": "10.213.7.1:5000", "Secure": True}}}
+    assert not engine_insecure("10.213.7.1:5000", config, resolve=names)
+    assert engine_insecure("10.213.7.1:5001", config, resolve=names)
+
+
+def test_the_client_follows_the_engine_it_is_given() -> None:
+    from builder.publish import open_registry
+
+    class InfoOnly:
+        def __init__(self, config: dict[str, Any]) -> None:
+            self.config = config
+
+        def info(self) -> dict[str, Any]:
+            return {"RegistryConfig": self.config}
+
+    assert open_registry("10.213.7.1:5000/team", InfoOnly(INSECURE_ENGINE)).insecure  # type: ignore[arg-type]
+    secure = open_registry("10.213.7.1:5000/team", InfoOnly(DEFAULT_ENGINE))  # type: ignore[arg-type]
+    assert not secure.insecure and secure.base == "https://10.213.7.1:5000/v2"
+    assert open_registry("127.0.0.1:5000", None).insecure
+
+
+def test_an_insecure_plain_http_registry_is_spoken_to_over_http(flaky: Any) -> None:
+    from builder.registry import Registry
+
+    registry = Registry(f"127.0.0.1:{flaky.server_port}", insecure=True)
+    registry.ping()
+    assert Flaky.seen == 1 and registry.base == f"http://127.0.0.1:{flaky.server_port}/v2"
+
+
+def test_a_secure_registry_is_never_downgraded_to_http(flaky: Any) -> None:
+    from builder.registry import Registry
+
+    with pytest.raises(RegistryError) as err:
+        Registry(f"127.0.0.1:{flaky.server_port}", insecure=False).ping()
+    assert Flaky.seen == 0  # not one request went over plain HTTP
+    assert str(err.value).startswith(f"127.0.0.1:{flaky.server_port} failed the TLS handshake (wrong version number)")
+    assert "insecure-registries" in str(err.value) and not err.value.retryable
+
+
+@pytest.fixture()
+def self_signed(tmp_path: Path) -> Any:
+    """A registry stand-in over HTTPS with a self-signed certificate, on loopback."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    key, crt = tmp_path / "key.pem", tmp_path / "crt.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
+                    "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True, timeout=60)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(crt, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    Flaky.seen = 0
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_insecure_registry_with_a_self_signed_certificate_keeps_https(self_signed: Any) -> None:
+    from builder.registry import Registry
+
+    host = f"127.0.0.1:{self_signed.server_port}"
+    registry = Registry(host, insecure=True)
+    registry.ping()  # Docker's way for an insecure registry: HTTPS without verification first
+    assert registry.base == f"https://{host}/v2" and Flaky.seen == 2  # the scheme probe and the ping
+    with pytest.raises(RegistryError, match=r"failed the TLS handshake .*certificate verify failed"):
+        Registry(host, insecure=False).ping()
+
+
+# ------------------------------------------------------- mirroring: pushing an image that `pull` brought here
+SOURCE = "src.example:5000"
+PULLED_REF = f"{SOURCE}/team/builder/tensorflow@{IMAGE_DIGEST}"
+
+
+def pulled_engine(cert: dict[str, Any], repo_digests: tuple[str, ...] = (PULLED_REF,)) -> PushEngine:
+    engine = PushEngine(cert)
+    engine.info = ImageInfo(**{**engine.info.__dict__, "parent": "", "repo_digests": repo_digests,
+                               "labels": {**engine.info.labels, TAG: CELL_TAG}})
+    return engine
+
+
+def mirror_push(engine: PushEngine, source: FakeRegistry | Exception, state: State) -> Any:
+    def registries(host: str) -> Any:
+        assert host == SOURCE
+        if isinstance(source, Exception):
+            raise source
+        return source
+
+    registry = FakeRegistry()
+    real_push = engine.push
+
+    def push(ref: str) -> str:
+        got = real_push(ref)
+        registry.tags[ref.rsplit(":", 1)[1]] = got
+        return got
+
+    engine.push = push  # type: ignore[method-assign]
+    return push_one(engine, registry, state, dest(), require="cpu-verified",  # type: ignore[arg-type]
+                    allow_uncertified=False, registries=registries), registry
+
+
+def test_a_pulled_image_confirmed_by_its_source_is_mirrored_with_its_provenance(tmp_path: Path) -> None:
+    state, cert = certified_state(tmp_path)
+    source = FakeRegistry()
+    source.certs[IMAGE_DIGEST] = cert
+    result, mirror = mirror_push(pulled_engine(cert), source, state)
+    assert result.status == "pushed" and f"mirrored from {PULLED_REF}" in result.detail
+    record = state.read_publish(CELL_TAG)
+    assert record is not None and record.extra == {"mirrored_from": PULLED_REF}
+    assert mirror.certs[IMAGE_DIGEST] == cert  # the certificate travels on with it
+
+
+@pytest.mark.parametrize(("why", "words"), [
+    ("no certificate at the source", "has no certificate beside it"),
+    ("another image at the source", "is now another image"),
+    ("source down", "nothing answers at src.example:5000"),
+    ("never pulled", "it has no registry digest either"),
+])
+def test_a_pulled_image_its_source_does_not_confirm_is_refused(tmp_path: Path, why: str, words: str) -> None:
+    from builder.errors import NotCertified
+
+    state, cert = certified_state(tmp_path)
+    source: FakeRegistry | Exception = FakeRegistry()
+    engine = pulled_engine(cert, () if why == "never pulled" else (PULLED_REF,))
+    if why == "another image at the source":
+        engine.info = ImageInfo(**{**engine.info.__dict__, "id": "sha256:other"})
+        engine.image = lambda ref: engine.info  # type: ignore[method-assign]
+    if why == "source down":
+        source = classify("connection refused", SOURCE)
+    with pytest.raises(NotCertified) as err:
+        mirror_push(engine, source, state)
+    line = str(err.value)
+    assert line.startswith(f"{CELL_TAG}: not pushed: it was pulled, so no local parent shows what was tested")
+    assert words in line and "\n" not in line
+    assert engine.pushes == [] and state.read_publish(CELL_TAG) is None
