@@ -23,12 +23,12 @@ from typing import Any
 
 from builder import __version__, models
 from builder.bases import ensure_base
-from builder.engine import ContainerEngine, ImageInfo
-from builder.errors import BuilderError, BuildFailed, Interrupted
+from builder.engine import NO_SPACE, Claim, ContainerEngine, ImageInfo, full, holding, tidy
+from builder.errors import BuilderError, BuildFailed, EngineError, EngineGone, Interrupted
 from builder.labels import HASH, build_labels
 from builder.matrix.model import Cell
 from builder.pool import run_pool
-from builder.render import ROOT, render
+from builder.render import ROOT, BuildContext, render
 from builder.sources import APT_SOURCES, LOOPBACK, PackageProxy, Sources, apt_hosts, listen_address, serve
 from builder.state import State
 
@@ -163,13 +163,19 @@ class Made:
     images: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def see(self, line: str) -> None:
+    def see(self, line: str) -> bool:
+        """Take note of a step container or image the line names; whether it was new."""
         if match := RUNNING_IN.match(line):
             with self.lock:
+                new = match[1] not in self.containers
                 self.containers.add(match[1])
+                return new
         elif match := COMMITTED.match(line):
             with self.lock:
+                new = match[1] not in self.images
                 self.images.add(match[1])
+                return new
+        return False
 
 
 def _build_one(
@@ -191,12 +197,36 @@ def _build_one(
     with base_lock:  # two cells on one base must not bootstrap it twice
         base_id, _ = ensure_base(engine, cell.base)
     context = render(cell, base_id=base_id)
+    before = {i.id for i in engine.images_with_label(HASH, context.content_hash)}
+    # One build of this content at a time on the engine, whichever process or host asks: the other waits, then
+    # takes what the first made (even with --force: it is brand new) instead of building it again.
+    with holding(engine, "build", context.content_hash, cell.tag, base_id, stop) as (claim, waited):
+        if waited:
+            after = engine.images_with_label(HASH, context.content_hash)
+            fresh = [i for i in after if i.id not in before]
+            existing = fresh[0] if fresh else after[0] if after and not options.force else None
+            if existing is not None:
+                if cell.tag not in existing.tags:
+                    engine.tag(existing.id, cell.tag)
+                log.info("%s: built by another run meanwhile: not building it again", cell.tag)
+                return BuildResult(cell=cell, status="up to date", seconds=time.monotonic() - started,
+                                   image_id=existing.id, size=existing.size, log_path=log_path)
+        return _build_claimed(engine, cell, options, progress, stop, listen, made, context, base_id, claim, started)
+
+
+def _build_claimed(
+    engine: ContainerEngine, cell: Cell, options: BuildOptions, progress: Progress, stop: threading.Event,
+    listen: str, made: Made, context: BuildContext, base_id: str, claim: Claim, started: float,
+) -> BuildResult:
+    state = State(options.state_dir)
+    log_path = state.log_path(cell.tag)
     # A remote engine may have no route out: its apt reaches the base's mirrors through our proxy too.
     apt = _apt_mirrors(engine, base_id, cell) if listen != LOOPBACK and options.sources.proxy else frozenset()
     # The cell's models, each fetched once into the host cache (shared by every cell) and verified first.
     model_files, model_bytes = models.context_files(context.models.values(), options.sources.cache_dir,
                                                     options.model_mirror)
     tail: list[str] = []
+    mine = Made()  # this cell's own, kept in its claim: the sweep's list, should this run or the engine die
     steps: list[list[Any]] = []  # [n, instruction, seconds]: where a build's time goes, kept in its record
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     labels = build_labels(content_hash=context.content_hash, tag=cell.tag, created=created, revision=revision(),
@@ -210,6 +240,8 @@ def _build_one(
             tail.append(line)
             del tail[:-LOG_TAIL]
             made.see(line)
+            if mine.see(line):
+                engine.note_made(claim, mine.containers, mine.images)
             match = STEP.match(line)
             if match:
                 now = time.monotonic()
@@ -226,6 +258,8 @@ def _build_one(
                                         nocache=options.no_layer_cache)
         except BuildFailed as exc:
             message = str(exc)
+            if NO_SPACE in "\n".join([message, *tail]).lower():
+                raise BuildFailed(full(engine.address, _data_root(engine), "the build"), tail, str(log_path)) from None
             if proxy is not None and proxy.errors:  # the upstream's own words, not just pip's
                 more = f" (and {len(proxy.errors) - 1} more)" if len(proxy.errors) > 1 else ""
                 message += f"; the package proxy's upstream failed: {proxy.errors[-1][:300]}{more}"
@@ -248,6 +282,14 @@ def _build_one(
     state.write_record(cell.tag, record)
     return BuildResult(cell=cell, status="built", seconds=seconds, image_id=image_id, size=int(record["size"]),
                        upstream_bytes=upstream, cached_bytes=cached, log_path=log_path)
+
+
+def _data_root(engine: ContainerEngine) -> str | None:
+    """Where the engine keeps its images (`docker info`'s DockerRootDir), to name in a disk-full error."""
+    try:
+        return str(engine.info().get("DockerRootDir") or "") or None
+    except EngineError:
+        return None
 
 
 @contextmanager
@@ -279,6 +321,8 @@ def watch_packages(progress: Progress, cell: Cell, proxy: PackageProxy | None) -
 def build_cells(engine: ContainerEngine, cells: list[Cell], options: BuildOptions) -> list[BuildResult]:
     base_lock = threading.Lock()
     made = Made()
+    gone = threading.Event()
+    tidy(engine)  # what a run that died left here (its claims, containers, builder stages) goes first
     # Builds run on the engine host's network: the proxy listens where that host reaches this machine.
     listen = listen_address(engine.address) if options.sources.proxy else LOOPBACK
     if listen != LOOPBACK:
@@ -286,8 +330,14 @@ def build_cells(engine: ContainerEngine, cells: list[Cell], options: BuildOption
 
     def work(cell: Cell, stop: threading.Event) -> BuildResult:
         started = time.monotonic()
+        if gone.is_set():  # the engine died under an earlier build: one line said so, not one per cell
+            return BuildResult(cell=cell, status="skipped")
         try:
             return _build_one(engine, cell, options, progress, stop, base_lock, listen, made)
+        except EngineGone as exc:
+            gone.set()
+            return BuildResult(cell=cell, status="failed", seconds=time.monotonic() - started, error=str(exc),
+                               log_path=State(options.state_dir).log_path(cell.tag))
         except BuildFailed as exc:
             return BuildResult(cell=cell, status="failed", seconds=time.monotonic() - started, error=str(exc),
                                log_tail=tuple(exc.log_tail), log_path=Path(exc.log_path) if exc.log_path else None)
@@ -302,8 +352,9 @@ def build_cells(engine: ContainerEngine, cells: list[Cell], options: BuildOption
                                lambda cell, status: BuildResult(cell=cell, status=status),
                                lambda: engine.remove_container_ids(made.containers), options.fail_fast)
         finally:
-            if not options.keep_cache:
+            if not options.keep_cache and not gone.is_set():
                 prune_builder_stages(engine, made)
+            engine.end_lease()
     return results
 
 

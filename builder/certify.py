@@ -27,8 +27,8 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from builder import __version__, sbom
-from builder.engine import ContainerEngine, GpuRequest
-from builder.errors import BuilderError, Interrupted
+from builder.engine import ContainerEngine, GpuRequest, holding, tidy
+from builder.errors import BuilderError, EngineGone, Interrupted
 from builder.gpu import DriverProbe, gpu_paths
 from builder.labels import CERT_DIGEST, HASH, LEVEL, SESSION
 from builder.matrix.model import Cell
@@ -224,7 +224,28 @@ def expected_gpus(plan: GpuPlan) -> int | None:
 
 def certify_one(engine: ContainerEngine, cell: Cell, options: CertifyOptions, session: str,
                 stop: threading.Event, plan: GpuPlan) -> tuple[str, dict[str, Any] | None, str]:
-    """Certify one cell; returns (level, certificate or None, one-line summary)."""
+    """Certify one cell under its engine-wide claim; returns (level, certificate or None, one-line summary).
+
+    Two runs (processes, or hosts sharing the engine) never certify the same image at once: the second waits,
+    then takes the certificate the first wrote, if it is current, instead of running again (even with --force).
+    """
+    if options.image is not None:
+        pulled = engine.image(options.image)
+        image_id, key = (pulled.id, pulled.labels.get(HASH) or pulled.id) if pulled else (None, "")
+    else:
+        key = current_hash(engine, cell)
+        image_id = find_tested_image(engine, cell.tag, key)
+    if image_id is None or plan.error:  # nothing will run: no claim needed
+        return _certify_claimed(engine, cell, options, session, stop, plan)
+    before = (State(options.state_dir).read_certificate(cell.tag) or {}).get("digest")
+    with holding(engine, "certify", key, cell.tag, image_id, stop) as (_, waited):
+        return _certify_claimed(engine, cell, options, session, stop, plan, before=before if waited else None)
+
+
+def _certify_claimed(engine: ContainerEngine, cell: Cell, options: CertifyOptions, session: str,
+                     stop: threading.Event, plan: GpuPlan,
+                     before: str | None = None) -> tuple[str, dict[str, Any] | None, str]:
+    """certify_one's work; `before` (after a wait) is the certificate's digest before the other run wrote its own."""
     state = State(options.state_dir)
     if options.image is not None:  # a pulled image has no parent and may come from another base: take it as it is
         pulled = engine.image(options.image)
@@ -242,6 +263,8 @@ def certify_one(engine: ContainerEngine, cell: Cell, options: CertifyOptions, se
     old = state.read_certificate(cell.tag)
     tagged = engine.image(cell.tag)
     stale = staleness(old, image_id, tagged.labels.get(CERT_DIGEST) if tagged else None, payload, plan)
+    if stale is None and old is not None and before is not None and old.get("digest") != before:
+        return str(old["level"]), old, f"current: {summarize(old.get('checks') or [])} (certified by another run)"
     if stale is None and old is not None and not options.force:
         return str(old["level"]), old, f"current: {summarize(old.get('checks') or [])} (--force re-runs it)"
     if old is not None and stale is not None:
@@ -328,16 +351,23 @@ def probe_engine(engine: ContainerEngine, cells: list[Cell], option: str, image:
 
 def certify_cells(engine: ContainerEngine, cells: list[Cell], options: CertifyOptions) -> list[CertifyResult]:
     session = uuid.uuid4().hex
+    gone = threading.Event()
+    tidy(engine)  # what a run that died left here (its claims, containers) goes first
     plan = probe_engine(engine, cells, options.gpus, options.image)
     state = State(options.state_dir)
 
     def work(cell: Cell, stop: threading.Event) -> CertifyResult:
         started = time.monotonic()
         cert: dict[str, Any] | None = None
+        if gone.is_set():  # the engine died under an earlier run: one line said so, not one per cell
+            return CertifyResult(cell=cell, level="skipped", gpu_required=options.require_gpu)
         try:
             level, cert, summary = certify_one(engine, cell, options, session, stop, plan)
         except Interrupted:
             return CertifyResult(cell=cell, level="interrupted", seconds=time.monotonic() - started)
+        except EngineGone as exc:  # no certificate, index entry, stamp or log of this run: the old ones stand
+            gone.set()
+            level, summary = "failed", str(exc)
         except BuilderError as exc:
             level, summary = "failed", str(exc)
         current = summary.startswith("current:")
@@ -355,5 +385,8 @@ def certify_cells(engine: ContainerEngine, cells: list[Cell], options: CertifyOp
     def placeholder(cell: Cell, status: str) -> CertifyResult:
         return CertifyResult(cell=cell, level=status, gpu_required=options.require_gpu)
 
-    return run_pool(cells, options.jobs, work, done, placeholder,
-                    lambda: engine.remove_containers(f"{SESSION}={session}"))
+    try:
+        return run_pool(cells, options.jobs, work, done, placeholder,
+                        lambda: engine.remove_containers(f"{SESSION}={session}"))
+    finally:
+        engine.end_lease()

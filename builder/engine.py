@@ -7,14 +7,19 @@ pulled by accident or left behind.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import json
 import logging
 import os
+import platform
 import posixpath
+import re
 import tarfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -26,11 +31,11 @@ import requests.exceptions
 from docker.types import DeviceRequest
 from docker.utils import parse_repository_tag
 
-from builder.errors import BuildFailed, EngineError, Interrupted
+from builder.errors import BuildFailed, EngineError, EngineGone, Interrupted
 from builder.gpu import NO_DEVICE_DRIVER, QUERY, DriverProbe, parse_nvidia_smi
-from builder.labels import CERT_DIGEST, HASH, LEVEL, MANAGED, SESSION, TAG  # re-exported: defined in labels
+from builder.labels import CERT_DIGEST, CLAIM, HASH, LEVEL, MANAGED, OWNER, OWNER_HOST, OWNER_PID, SESSION, TAG
 
-__all__ = ["CERT_DIGEST", "HASH", "LEVEL", "MANAGED", "SESSION", "TAG"]
+__all__ = ["CERT_DIGEST", "HASH", "LEVEL", "MANAGED", "SESSION", "TAG"]  # re-exported: defined in labels
 
 log = logging.getLogger("builder")
 
@@ -86,6 +91,105 @@ def _tar(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
+# ------------------------------------------------------------------------------ claims, leases, sweep
+# Two runs (processes, or hosts sharing one engine) must not build or certify the same content at once, and what a
+# run that died left on the engine must be found and removed by the next one. Both are decided on the engine:
+# - a *lease* is one running container per process (`cat` on a stdin the process holds open): when the process
+#   dies, however it dies and wherever it runs, the engine closes that stdin and the lease exits; when the engine
+#   dies, the lease is not running after it restarts;
+# - a *claim* is a created (never started) container named for the work and its content hash: creating a name is
+#   atomic on the engine, so a second run gets 409 Conflict and waits;
+# - everything a run creates carries its owner label, and a claim holds the ids of the step containers and images
+#   its build made (the classic builder's own, which take no label), so a stopped run's leftovers are exactly known.
+# A run whose lease is not running is dead: its claims, containers and recorded images are stale and safe to remove.
+CLAIM_PREFIX = "builder-claim-"
+LEASE_PREFIX = "builder-lease-"
+LEASE_GRACE_S = 300.0  # a lease created but not started for this long: its process died between the two calls
+MADE_FILE = "builder-made.json"  # in a claim container: what its build made
+CLAIM_KINDS = ("build", "certify")
+_HEX = re.compile(r"[0-9a-f]{16,64}")
+NO_SPACE = "no space left on device"
+
+
+def claim_name(kind: str, key: str) -> str:
+    """The engine-wide name of the claim on one piece of work: its kind and its content hash (or image id)."""
+    digest = key.removeprefix("sha256:")
+    if kind not in CLAIM_KINDS or not _HEX.fullmatch(digest):
+        raise ValueError(f"no claim name for {kind!r} {key!r}: a kind from {CLAIM_KINDS} and a hex digest")
+    return f"{CLAIM_PREFIX}{kind}-{digest[:40]}"
+
+
+def lease_alive(status: str, created: float, now: float) -> bool:
+    """Whether a lease container shows its process alive: running, or created moments ago and being started."""
+    if status in ("running", "restarting", "paused"):
+        return True
+    return status == "created" and now - created < LEASE_GRACE_S
+
+
+def live_owners(containers: list[dict[str, Any]], now: float) -> set[str]:
+    """The owners (from a container listing) whose lease is alive."""
+    return {str(c["Labels"][OWNER]) for c in containers
+            if any(str(n).lstrip("/").startswith(LEASE_PREFIX) for n in c.get("Names") or ())
+            and OWNER in (c.get("Labels") or {})
+            and lease_alive(str(c.get("State", "")), float(c.get("Created") or 0), now)}
+
+
+def stale(containers: list[dict[str, Any]], now: float, keep: str | None = None) -> list[dict[str, Any]]:
+    """The owner-labelled containers whose owner is dead (no live lease); `keep` (this process's owner) never is."""
+    alive = live_owners(containers, now) | ({keep} if keep else set())
+    return [c for c in containers if OWNER in (c.get("Labels") or {}) and c["Labels"][OWNER] not in alive]
+
+
+def owner_of(labels: dict[str, str]) -> str:
+    """Who made a container, for people: `host H, pid P`."""
+    return f"host {labels.get(OWNER_HOST, '?')}, pid {labels.get(OWNER_PID, '?')}"
+
+
+def gone(address: str, what: str) -> str:
+    """The one line for an engine that stopped answering mid-work."""
+    return (f"the engine at {address} stopped answering during {what} (it crashed or was stopped): start it again "
+            "and rerun; what this run left on the engine is removed by the next build or certify there")
+
+
+def full(address: str, root: str | None, what: str) -> str:
+    """The one line for an engine whose disk filled up."""
+    where = f"its data root {root}" if root else "its data root"
+    return (f"the engine at {address} ran out of disk space during {what} (no space left on device in {where}): "
+            "free space there (`python -m builder clean`, `docker system prune`) or give the engine a larger data "
+            "root, then rerun")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claim:
+    """A claim this process holds on one piece of work; released by its container id, never by its name."""
+
+    name: str
+    id: str
+    owner: str
+    tag: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Holder:
+    """The live run that holds a claim this process could not take."""
+
+    name: str
+    id: str
+    who: str  # `host H, pid P`
+
+
+@dataclass(frozen=True, kw_only=True)
+class Swept:
+    """What a sweep removed, and whose it was."""
+
+    containers: int = 0
+    images: int = 0
+    owners: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.containers or self.images)
+
+
 class ContainerEngine(Protocol):
     """What build, certify and bases need of an engine: the Docker SDK below, an in-memory fake in unit tests."""
 
@@ -127,6 +231,56 @@ class ContainerEngine(Protocol):
 
     def remove_image_ids(self, ids: Iterable[str]) -> int: ...
 
+    def claim(self, kind: str, key: str, tag: str, image_id: str) -> Claim | Holder: ...
+
+    def note_made(self, claim: Claim, containers: Iterable[str], images: Iterable[str]) -> None: ...
+
+    def release(self, claim: Claim) -> None: ...
+
+    def sweep(self) -> Swept: ...
+
+    def end_lease(self) -> None: ...
+
+
+CLAIM_POLL_S = 2.0
+
+
+@contextmanager
+def holding(engine: ContainerEngine, kind: str, key: str, tag: str, image_id: str,
+            stop: threading.Event) -> Iterator[tuple[Claim, bool]]:
+    """Hold the engine-wide claim on `kind` work on content `key` for the block: (the claim, whether we waited).
+
+    While a live run holds it, wait (saying so once): a run that waited should look again for what the other
+    made before doing the work itself. Ctrl-C while waiting is an interrupt like any other.
+    """
+    waited = False
+    while True:
+        got = engine.claim(kind, key, tag, image_id)
+        if isinstance(got, Claim):
+            break
+        if not waited:
+            log.info("%s: another run (%s) is doing the %s of the same content: waiting for it", tag, got.who, kind)
+        waited = True
+        if stop.wait(CLAIM_POLL_S):
+            raise Interrupted(f"{kind} of {tag} interrupted while waiting for another run")
+    try:
+        yield got, waited
+    finally:
+        engine.release(got)
+
+
+def tidy(engine: ContainerEngine) -> Swept:
+    """At the start of a run: remove what runs that died left on the engine, and say so."""
+    try:
+        swept = engine.sweep()
+    except EngineError as exc:  # housekeeping: the run itself will meet the engine's trouble and say it
+        log.debug("no sweep: %s", exc)
+        return Swept()
+    if swept:
+        log.info("removed %d container(s) and %d image(s) left on %s by a run that stopped (%s)", swept.containers,
+                 swept.images, engine.address, "; ".join(swept.owners) or "its lease is gone")
+    return swept
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -167,6 +321,10 @@ class Engine:
         self.client = client
         self.api = client.api
         self.address = address
+        self._lease_lock = threading.Lock()
+        self._owner: str | None = None  # this process's owner id on this engine, while its lease runs
+        self._lease_id: str | None = None
+        self._lease_socket: Any = None  # held open: the lease lives exactly as long as this process
 
     @classmethod
     def connect(cls, timeout: int = 600) -> Engine:
@@ -209,6 +367,8 @@ class Engine:
             return None
         except docker.errors.APIError as exc:
             raise EngineError(f"engine at {self.address} failed to inspect {ref}: {exc.explanation}") from None
+        except requests.exceptions.RequestException as exc:
+            raise EngineError(f"the engine at {self.address} failed (inspect {ref}): {exc}") from None
 
     @_translated
     def images_with_label(self, key: str, value: str | None = None, all_images: bool = False) -> list[ImageInfo]:
@@ -250,7 +410,7 @@ class Engine:
         """Commit a thin layer on `image_id` that adds `labels`, and point `ref` at it."""
         repo, tag = parse_repository_tag(ref)
         changes = [f'LABEL {k}="{v}"' for k, v in labels.items()]
-        cid = self.api.create_container(image_id, command=["true"], labels={MANAGED: "true"})["Id"]
+        cid = self.api.create_container(image_id, command=["true"], labels=self._owned())["Id"]
         try:
             result = self.api.commit(cid, repository=repo, tag=tag, changes=changes)
         finally:
@@ -329,6 +489,8 @@ class Engine:
         except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
             if stop.is_set():
                 raise Interrupted(f"build of {tag} interrupted") from None
+            if not self.answers():
+                raise EngineGone(gone(self.address, f"the build of {tag}")) from None
             raise BuildFailed(f"the engine broke off the build: {exc}") from None
         finally:
             close = getattr(stream, "close", None)
@@ -393,7 +555,7 @@ class Engine:
         environment = {**({} if gpus else {"NVIDIA_VISIBLE_DEVICES": "void"}), **(env or {})}
         try:
             container = self.api.create_container(
-                image_id, command=command, labels={MANAGED: "true", **labels}, host_config=host_config,
+                image_id, command=command, labels={**self._owned(), **labels}, host_config=host_config,
                 environment=environment,
             )
         except docker.errors.APIError as exc:
@@ -417,6 +579,8 @@ class Engine:
                     exit_code = int(result.get("StatusCode", -1))
                     break
                 except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                    if not self.answers():  # not a wait that timed out: the engine is gone, and the run with it
+                        raise EngineGone(gone(self.address, f"a run of {image_id[:19]}")) from None
                     if time.monotonic() >= deadline:
                         self.api.kill(cid)
                         break
@@ -435,7 +599,10 @@ class Engine:
                 pass
             return RunResult(exit_code=exit_code, logs=logs, files=files, seconds=time.monotonic() - started)
         finally:
-            self.api.remove_container(cid, force=True)
+            try:
+                self.api.remove_container(cid, force=True)
+            except requests.exceptions.ConnectionError:  # the engine is gone: the next run's sweep removes it
+                log.debug("could not remove container %s: the engine does not answer", cid[:12])
 
     def read_file(self, image_id: str, path: str) -> bytes | None:
         """A file from an image, without running it (symlinks followed); None where there is none."""
@@ -450,7 +617,7 @@ class Engine:
         dangling link reads as None.
         """
         try:
-            cid = self.api.create_container(image_id, command=["true"], labels={MANAGED: "true"})["Id"]
+            cid = self.api.create_container(image_id, command=["true"], labels=self._owned())["Id"]
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
             raise EngineError(f"the engine at {self.address} failed (read files of {image_id[:19]}): "
                               f"{getattr(exc, 'explanation', None) or exc}") from None
@@ -591,3 +758,146 @@ class Engine:
             self.api.remove_image(ref, noprune=True)
         except docker.errors.ImageNotFound:
             return  # already gone: nothing to undo
+
+    # ------------------------------------------------------------------------- claims, leases, sweep
+    def answers(self) -> bool:
+        """Whether the engine answers a ping within a few seconds (after a stream broke off: crashed, or not)."""
+        try:
+            self.api.get(f"{self.api.base_url}/_ping", timeout=5).raise_for_status()
+            return True
+        except (requests.exceptions.RequestException, docker.errors.DockerException):
+            return False
+
+    def _owned(self) -> dict[str, str]:
+        """The labels of a container this process makes: its owner, where it holds a lease, for the sweep."""
+        owner = self._owner
+        return {MANAGED: "true", **({OWNER: owner} if owner else {})}
+
+    def _lease(self, image_id: str) -> str:
+        """This process's owner id on this engine, with its lease running (a new one if the engine lost it)."""
+        with self._lease_lock:
+            if self._owner is not None and self._lease_id is not None:
+                try:
+                    if self.api.inspect_container(self._lease_id)["State"].get("Running"):
+                        return self._owner
+                except docker.errors.NotFound:
+                    pass
+                log.warning("the lease of this run on %s ended (the engine restarted?): taking a new one", self.address)
+            owner = uuid.uuid4().hex
+            labels = {MANAGED: "true", OWNER: owner, OWNER_HOST: platform.node(), OWNER_PID: str(os.getpid())}
+            host_config = self.api.create_host_config(network_mode="none", mem_limit="16m")
+            cid = self.api.create_container(image_id, entrypoint=["cat"], command=[], stdin_open=True, labels=labels,
+                                            name=f"{LEASE_PREFIX}{owner}", host_config=host_config)["Id"]
+            try:
+                sock = self.api.attach_socket(cid, params={"stdin": 1, "stream": 1})
+                self.api.start(cid)
+            except BaseException:
+                self.api.remove_container(cid, force=True)
+                raise
+            self._owner, self._lease_id, self._lease_socket = owner, cid, sock
+            return owner
+
+    @_translated
+    def claim(self, kind: str, key: str, tag: str, image_id: str) -> Claim | Holder:
+        """Claim `kind` work on content `key` (a hash), engine-wide; or say which live run holds it.
+
+        A claim left by a run that died is cleared (with what its build made) and taken over.
+        """
+        owner = self._lease(image_id)
+        name = claim_name(kind, key)
+        labels = {MANAGED: "true", OWNER: owner, CLAIM: kind, TAG: tag,
+                  OWNER_HOST: platform.node(), OWNER_PID: str(os.getpid())}
+        for _ in range(5):
+            try:
+                cid = self.api.create_container(image_id, entrypoint=["true"], command=[], labels=labels, name=name,
+                                                host_config=self.api.create_host_config(network_mode="none"))["Id"]
+                return Claim(name=name, id=cid, owner=owner, tag=tag)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+            found = self.api.containers(all=True, filters={"name": f"^/{name}$"})
+            if not found:
+                continue  # released between the two calls: try again
+            holder = found[0]
+            holder_owner = (holder.get("Labels") or {}).get(OWNER, "")
+            leases = self.api.containers(all=True, filters={"label": f"{OWNER}={holder_owner}"}) if holder_owner else []
+            if holder_owner and holder_owner in live_owners(leases, time.time()):
+                return Holder(name=name, id=holder["Id"], who=owner_of(holder.get("Labels") or {}))
+            log.info("%s: clearing the claim of a run that stopped (%s)", tag, owner_of(holder.get("Labels") or {}))
+            self._clear(leases or [holder])  # everything of that dead run: its lease, claims, containers
+        raise EngineError(f"the engine at {self.address}: could not claim {name} after 5 tries: rerun")
+
+    def note_made(self, claim: Claim, containers: Iterable[str], images: Iterable[str]) -> None:
+        """Keep in the claim what its build has made so far, for the sweep should this run die."""
+        body = json.dumps({"containers": sorted(containers), "images": sorted(images)}).encode()
+        try:
+            self.api.put_archive(claim.id, "/", _tar({MADE_FILE: body}))
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            log.debug("could not note what %s made: %s", claim.tag, exc)
+
+    def _made(self, claim_id: str) -> tuple[set[str], set[str]]:
+        try:
+            chunks, _ = self.api.get_archive(claim_id, f"/{MADE_FILE}")
+            with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+                member = tar.next()
+                fh = tar.extractfile(member) if member is not None else None
+                data = json.loads(fh.read()) if fh else {}
+        except (docker.errors.APIError, requests.exceptions.RequestException, tarfile.TarError, ValueError):
+            return set(), set()
+        if not isinstance(data, dict):
+            return set(), set()
+        return ({str(c) for c in data.get("containers") or [] if _HEX.fullmatch(str(c))},
+                {str(i) for i in data.get("images") or [] if _HEX.fullmatch(str(i).removeprefix("sha256:"))})
+
+    def _clear(self, dead: list[dict[str, Any]]) -> tuple[int, int]:
+        """Remove dead runs' containers and what their claims say their builds made; (containers, images)."""
+        containers: set[str] = set()
+        images: set[str] = set()
+        for c in dead:
+            if CLAIM in (c.get("Labels") or {}):
+                made = self._made(c["Id"])
+                containers |= made[0]
+                images |= made[1]
+        removed = self.remove_container_ids([*containers, *(c["Id"] for c in dead)])
+        gone_images = 0
+        for _ in range(3):  # a child goes before its parent: the engine refuses a parent while a child is there
+            done = self.remove_image_ids(sorted(images))
+            gone_images += done
+            if not done:
+                break
+        return removed, gone_images
+
+    def release(self, claim: Claim) -> None:
+        """Give the claim back (by id: a claim another run took over after ours was cleared is not ours)."""
+        try:
+            self.api.remove_container(claim.id, force=True)
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            log.debug("could not release %s (the next run's sweep will): %s", claim.name, exc)
+
+    @_translated
+    def sweep(self) -> Swept:
+        """Remove what runs that died left on this engine: their claims, leases, containers and recorded images."""
+        listed = self.api.containers(all=True, filters={"label": OWNER})
+        dead = stale(listed, time.time(), keep=self._owner)
+        if not dead:
+            return Swept()
+        owners = tuple(sorted({owner_of(c.get("Labels") or {}) for c in dead
+                               if str((c.get("Names") or [""])[0]).lstrip("/").startswith(LEASE_PREFIX)}))
+        containers, images = self._clear(dead)
+        return Swept(containers=containers, images=images, owners=owners)
+
+    def end_lease(self) -> None:
+        """End this process's lease (at the end of a run): nothing of it stays on the engine."""
+        with self._lease_lock:
+            lease, sock = self._lease_id, self._lease_socket
+            self._owner = self._lease_id = self._lease_socket = None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+        if lease is not None:
+            try:
+                self.api.remove_container(lease, force=True)
+            except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+                log.debug("could not remove this run's lease (the next run's sweep will): %s", exc)

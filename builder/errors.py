@@ -40,6 +40,14 @@ class EngineError(BuilderError):
     exit_code = 3
 
 
+class EngineGone(EngineError):
+    """The engine stopped answering in the middle of a build or a run (it crashed, or was stopped).
+
+    What the run had made on it cannot be removed now: the next build or certify on that engine removes
+    it (builder.engine.Engine.sweep).
+    """
+
+
 class BaseImageError(BuilderError):
     """A base image could not be found, pulled or bootstrapped."""
 

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
 PREFIX = "org.builder"
 MANAGED = f"{PREFIX}.managed"  # on every stage and image a build makes: what `clean` may remove
 SESSION = f"{PREFIX}.session"  # on containers: the run that made them
+OWNER = f"{PREFIX}.owner"  # on containers: the process that made them (its lease shows it is alive)
+OWNER_HOST = f"{PREFIX}.owner.host"  # where that process runs, and its pid: for people, not decisions
+OWNER_PID = f"{PREFIX}.owner.pid"
+CLAIM = f"{PREFIX}.claim"  # on a claim container: the kind of work (build, certify) it holds
 HASH = f"{PREFIX}.hash"  # the cell's content hash (builder.render.content_hash)
 TAG = f"{PREFIX}.tag"
 VERSION = f"{PREFIX}.version"  # builder's own version

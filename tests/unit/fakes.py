@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from builder.engine import MANAGED, GpuRequest, ImageInfo, RunResult
+from builder.engine import MANAGED, Claim, GpuRequest, Holder, ImageInfo, RunResult, Swept, claim_name
 from builder.errors import BuildFailed, EngineError, Interrupted
 from builder.gpu import DriverProbe
 
@@ -53,6 +53,13 @@ class FakeEngine:
     runs: list[dict[str, Any]] = field(default_factory=list)
     builds: list[dict[str, Any]] = field(default_factory=list)  # each build's tag, context files and build args
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Claims on the engine, shared by every FakeEngine given the same dict (two "processes" on one engine):
+    # claim name -> who holds it. `made` keeps what each claim's build noted.
+    claims: dict[str, str] = field(default_factory=dict)
+    who: str = "host test, pid 1"
+    made: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)
+    leases_ended: int = 0
+    sweeps: int = 0
 
     # ----------------------------------------------------------------------------------- helpers
     def add_image(self, ref: str | None = None, labels: dict[str, str] | None = None, parent: str = "",
@@ -179,3 +186,28 @@ class FakeEngine:
         n = len(self.containers)
         self.containers.clear()
         return n
+
+    def claim(self, kind: str, key: str, tag: str, image_id: str) -> Claim | Holder:
+        name = claim_name(kind, key)
+        with self.lock:
+            holder = self.claims.setdefault(name, self.who)
+        self.calls.append(("claim", name))
+        if holder != self.who:
+            return Holder(name=name, id=name, who=holder)
+        return Claim(name=name, id=name, owner=self.who, tag=tag)
+
+    def note_made(self, claim: Claim, containers: Iterable[str], images: Iterable[str]) -> None:
+        self.made[claim.name] = (set(containers), set(images))
+
+    def release(self, claim: Claim) -> None:
+        with self.lock:
+            if self.claims.get(claim.name) == claim.owner:
+                del self.claims[claim.name]
+        self.calls.append(("release", claim.name))
+
+    def sweep(self) -> Swept:
+        self.sweeps += 1
+        return Swept()
+
+    def end_lease(self) -> None:
+        self.leases_ended += 1
