@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import re
@@ -18,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from builder import __version__, tags
+from builder import __version__
 from builder.errors import BaseImageError, BuilderError, NotCertified, RegistryError, UsageError
 
 if TYPE_CHECKING:
@@ -27,9 +26,21 @@ if TYPE_CHECKING:
     from builder.matrix import Cell, Rejection, Selection
 
 # Each command imports the stages it needs inside its own function: the Docker SDK, rich, Jinja2, the SBOM
-# and registry code cost about half a second to import, which an up-to-date `build` must not pay.
+# and registry code cost about half a second to import, which an up-to-date `build` must not pay. main() asks
+# builder.uptodate before it builds the parser; keep this module's own imports to the few above.
 
-log = logging.getLogger("builder")
+
+class _Log:
+    """logging.getLogger("builder"), logging imported at first use: it costs an up-to-date `build` (answered
+    before logging is set up) about 8 ms of its 80."""
+
+    def __getattr__(self, name: str) -> Any:
+        import logging
+
+        return getattr(logging.getLogger("builder"), name)
+
+
+log = _Log()
 
 
 def printable(text: str, limit: int | None = 80) -> str:
@@ -240,24 +251,43 @@ def build_summary(results: list[BuildResult]) -> str:
 
 
 def _selectors_of(args: argparse.Namespace) -> list[str]:
-    return [f"{name}={value}" for name in ("cuda", "python", "framework", "flavor", "only")
-            for value in sorted(_values(getattr(args, name)) or ())]
+    from builder import uptodate
+
+    return uptodate.selectors({name: _values(getattr(args, name)) for name in uptodate.SELECTORS})
 
 
 def _up_to_date(args: argparse.Namespace) -> int | None:
+    """The no-op fast path after argparse (a command line `_fast_build` left to the parser)."""
+    if args.force or args.no_cache:
+        return None
+    return _answer(args.matrix, args.state, _selectors_of(args), args.jobs)
+
+
+def _fast_build(argv: Sequence[str] | None) -> int | None:
+    """The no-op fast path before argparse: a plain `build` command line whose cells are all up to date."""
+    from builder import uptodate
+
+    invocation = uptodate.parse_build(list(sys.argv[1:] if argv is None else argv))
+    if invocation is None:
+        return None
+    return _answer(invocation.matrix, invocation.state, invocation.selectors, invocation.jobs)
+
+
+def _answer(matrix_file: str, state_dir: str, selectors: list[str], jobs: int) -> int | None:
     """The no-op fast path (builder.uptodate): 0 with the summary printed when every cell is up to date,
     None when the full path must decide."""
     from builder import uptodate
 
-    matrix, state = Path(args.matrix), Path(args.state)
+    matrix, state = Path(matrix_file), Path(state_dir)
     sock = uptodate.local_socket()
-    if args.force or args.no_cache or sock is None or not matrix.is_file():
+    if sock is None or not matrix.is_file():
         return None
-    stamped = uptodate.read_stamp(state, uptodate.key(matrix, _selectors_of(args)))
+    stamped = uptodate.read_stamp(state, uptodate.key(matrix, selectors))
     found = uptodate.check(stamped, sock) if stamped else None
     if not found:
         return None
-    log.info("building %d cell(s) with %d job(s) on unix://%s", len(found), args.jobs, sock)
+    # What logging (format "%(message)s", stderr) would print; this path runs before logging is set up.
+    print(f"building {len(found)} cell(s) with {jobs} job(s) on unix://{sock}", file=sys.stderr)
     print(table([{"cell": f.tag, "result": "up to date", "time": "0 s", "size": _mb(f.size),
                   "image": f.image_id.removeprefix("sha256:")[:12], "fetched": "-", "from cache": "-"}
                  for f in found]))
@@ -418,6 +448,7 @@ def cmd_facts(args: argparse.Namespace) -> int:
 
 def _registry(args: argparse.Namespace) -> str:
     """--registry, else `registry:` in the matrix, else $BUILDER_REGISTRY; one line if none or a bad one."""
+    from builder import tags
     from builder.matrix import load_matrix
 
     matrix = load_matrix(args.matrix)
@@ -512,6 +543,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _publish_flags(parser: argparse.ArgumentParser) -> None:
+    from builder import tags
+
     parser.add_argument("--registry", help="HOST[:PORT][/NAMESPACE] (default: `registry:` in the matrix, else "
                         f"${tags.REGISTRY_ENV}); credentials come only from `docker login`")
     parser.add_argument("--require", choices=["cpu-verified", "gpu-certified"], default="cpu-verified",
@@ -624,7 +657,16 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        fast = _fast_build(argv)  # an up-to-date `build`, answered before the parser and logging are set up
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if fast is not None:
+        return fast
     args = parser().parse_args(argv)
+    import logging
+
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(message)s")
     # SIGTERM (CI cancelling a job, `docker stop`, kill) gets the same clean stop as Ctrl-C.

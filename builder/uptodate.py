@@ -10,6 +10,13 @@ socket (the images carrying a content-hash label, and each base's id) and, if ev
 its tag and every base is unchanged, prints the same summary and stops. Anything else (no stamp, a remote or
 non-default engine, a moved base, a missing image or tag, any error) falls through to the full path, which
 decides for itself: this module can only skip work the full path would also skip.
+
+`cli.main` asks this module before it builds its argument parser: `parse_build` reads a plain `build` command
+line (exact option names only; anything it does not know, `--force`, `--no-cache`, an abbreviation, `--help`,
+goes to argparse and the full path), so an up-to-date `build` imports only the standard library's socket,
+hashlib and json besides cli's own few modules, and asks the engine one question per base and one for all cells.
+The key also covers the Python version and the installed versions of the libraries that load and render a
+matrix (a Jinja2 or PyYAML upgrade could change a rendered file, so it re-checks by the full path).
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import urllib.parse
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from builder import assets, labels
 
@@ -33,14 +41,38 @@ PACKAGE = Path(__file__).resolve().parent
 INPUTS = ("*.py", "matrix/*.py")
 DEFAULT_SOCKET = "/var/run/docker.sock"
 TEMPLATES = assets.TEMPLATES  # builder.render.TEMPLATES: the checkout's templates/ or an installed copy
+# The libraries whose output decides a cell's files (PyYAML and pydantic load the matrix, Jinja2 and MarkupSafe
+# render it, packaging compares versions), as their distributions' normalized names.
+LIBRARIES = frozenset({"pyyaml", "pydantic", "pydantic_core", "jinja2", "markupsafe", "packaging"})
+SELECTORS = ("cuda", "python", "framework", "flavor", "only")
+SELECTORS_OPTIONS = tuple(f"--{name}" for name in SELECTORS)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Stamped:
+class Stamped(NamedTuple):
     tag: str
     content_hash: str
     base: str  # the base image reference
     base_id: str  # the id the content hash was computed against
+
+
+def selectors(values: Mapping[str, Iterable[str] | None]) -> list[str]:
+    """A selection in the key's words: name=value for each selector, each name's values sorted and unique."""
+    return [f"{name}={value}" for name in SELECTORS for value in sorted(set(values.get(name) or ()))]
+
+
+def library_versions(path: Iterable[str]) -> list[str]:
+    """The installed distributions of LIBRARIES on an import path, as their `.dist-info` folder names (name and
+    version: `jinja2-3.1.4.dist-info`), in path order. Read from directory listings, not importlib.metadata."""
+    found = []
+    for folder in path:
+        try:
+            names = os.listdir(folder or ".")
+        except OSError:
+            continue
+        for name in sorted(names):
+            if name.endswith(".dist-info") and name.partition("-")[0].lower().replace(".", "_") in LIBRARIES:
+                found.append(name)
+    return found
 
 
 def key(matrix: Path, selectors: list[str]) -> str:
@@ -48,6 +80,9 @@ def key(matrix: Path, selectors: list[str]) -> str:
     digest = hashlib.sha256()
     digest.update(b"selectors\0" + json.dumps(selectors).encode() + b"\0")
     digest.update(b"matrix\0" + matrix.read_bytes() + b"\0")
+    digest.update(b"python\0" + sys.version.encode() + b"\0")
+    for library in library_versions(sys.path):
+        digest.update(b"library\0" + library.encode() + b"\0")
     paths: list[Path] = []
     for pattern in INPUTS:
         paths += sorted(PACKAGE.glob(pattern))
@@ -65,7 +100,7 @@ def write_stamp(state_dir: Path, stamp_key: str, cells: list[Stamped]) -> None:
     path = stamp_path(state_dir, stamp_key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": stamp_key, "cells": [c.__dict__ for c in cells]}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"key": stamp_key, "cells": [c._asdict() for c in cells]}, indent=1) + "\n")
     os.replace(tmp, path)
 
 
@@ -113,22 +148,24 @@ def _get(sock_path: str, path: str) -> Any:
     return json.loads(body)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Found:
+class Found(NamedTuple):
     tag: str
     image_id: str
     size: int
 
 
 def check(cells: list[Stamped], sock: str) -> list[Found] | None:
-    """Every stamped cell's image, if all are there under their tags on unchanged bases; else None."""
+    """Every stamped cell's image, if all are there under their tags on unchanged bases; else None.
+
+    One question per distinct base (its id) and one for all the cells: the images that carry a content-hash
+    label and one of the cells' tags (the engine ORs the values of one filter and ANDs the filters)."""
     try:
-        for base in {c.base: c.base_id for c in cells}.items():
-            info = _get(sock, f"/images/{urllib.parse.quote(base[0], safe='')}/json")
-            if info is None or info.get("Id") != base[1]:
+        for base, base_id in {c.base: c.base_id for c in cells}.items():
+            info = _get(sock, f"/images/{urllib.parse.quote(base, safe='')}/json")
+            if info is None or info.get("Id") != base_id:
                 return None
-        filters = urllib.parse.quote(json.dumps({"label": [HASH_LABEL]}))
-        images = _get(sock, f"/images/json?filters={filters}") or []
+        wanted = {"label": [HASH_LABEL], "reference": sorted({c.tag for c in cells})}
+        images = _get(sock, f"/images/json?filters={urllib.parse.quote(json.dumps(wanted))}") or []
     except (OSError, ValueError, IndexError):
         return None
     by_hash: dict[str, list[dict[str, Any]]] = {}
@@ -141,3 +178,63 @@ def check(cells: list[Stamped], sock: str) -> list[Found] | None:
             return None
         found.append(Found(tag=cell.tag, image_id=str(image["Id"]), size=int(image.get("Size") or 0)))
     return found
+
+
+class Invocation(NamedTuple):
+    """A `build` command line as the fast path reads it."""
+
+    matrix: str
+    state: str
+    selectors: list[str]
+    jobs: int
+
+
+# `build`'s options that take a value and do not change which images a selection needs (the package sources
+# and the model mirror decide how a missing image is built, not its content hash). -j and the selectors are
+# read; anything else (--force, --no-cache, --help, an abbreviation, a value that starts with "-") is left to
+# argparse.
+_SOURCES = frozenset({"--ca-bundle", "--index-url", "--extra-index-url", "--find-links", "--cache-dir",
+                      "--model-mirror"})
+_FLAGS = frozenset({"--no-proxy", "--fail-fast"})
+_FLAVORS = ("runtime", "devel")
+
+
+def parse_build(argv: list[str], environ: Mapping[str, str] = os.environ) -> Invocation | None:
+    """`[--matrix M] [--debug] build [exact build options]`, read the way argparse reads it; None for anything
+    else (the full parser decides then). Defaults are cli.parser()'s: $BUILDER_MATRIX, $BUILDER_STATE."""
+    matrix, state = environ.get("BUILDER_MATRIX", "matrix.yaml"), environ.get("BUILDER_STATE", ".builder")
+    values: dict[str, list[str]] = {}
+    jobs, command, i = 1, False, 0
+    while i < len(argv):
+        token = argv[i]
+        name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        if not command and token == "build":
+            command = True
+        elif (token == "--debug" and not command) or (token in _FLAGS and command):
+            pass  # logging's level; a source option that changes no image
+        elif token.startswith("-j") and len(token) > 2 and command:  # -j2
+            name, value, eq = "-j", token[2:], "="
+        elif name in ("--matrix", "--state", "--jobs", "-j", *SELECTORS_OPTIONS, *_SOURCES):
+            if not eq:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    return None
+                i, value = i + 1, argv[i + 1]
+            if (name == "--matrix") == command:  # --matrix belongs before the command, the rest after it
+                return None
+        else:
+            return None
+        if name == "--matrix":
+            matrix = value
+        elif name == "--state":
+            state = value
+        elif name in ("-j", "--jobs"):
+            if not (value.isascii() and value.isdigit() and len(value) <= 3 and 1 <= int(value) <= 64):
+                return None
+            jobs = int(value)
+        elif name in SELECTORS_OPTIONS:
+            if name == "--flavor" and value not in _FLAVORS:
+                return None
+            values.setdefault(name[2:], []).append(value)
+        i += 1
+    return Invocation(matrix=matrix, state=state, selectors=selectors(values), jobs=jobs) if command else None
+
