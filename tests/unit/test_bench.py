@@ -69,3 +69,30 @@ def test_rows_compare_the_ratio_or_the_figure_with_the_target() -> None:
     assert "| no-op | 0.3 s | 0.1 s | 3.00 | <= 1.0 | **no** | median of 3 | measured |" in table
     assert "| plan | 1.7 ms | - | - | < 5 ms | yes |" in table
     assert "- **sibling**: no records" in table
+
+
+def test_the_naive_recipes_nvidia_cuda_base_follows_the_matrix() -> None:
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "matrix.yaml").read_text())
+    assert bench.nvidia_cuda_runtime(doc, "12.1") == "nvidia/cuda:12.1.1-cudnn8-runtime-ubuntu22.04"
+    assert bench.nvidia_cuda_runtime(doc, None) is None  # a CPU cell has no nvidia/cuda base
+    assert bench.nvidia_cuda_runtime(doc, "cpu") is None
+    # The torch bench cell's base has a published size; each entry names its source.
+    assert "nvidia/cuda:12.1.1-cudnn8-runtime-ubuntu22.04" in bench.NVIDIA_CUDA_PUBLISHED
+    assert all(e["bytes"] > 10**9 and e["source"] for e in bench.NVIDIA_CUDA_PUBLISHED.values())
+
+
+def test_the_naive_size_on_a_published_base_swaps_the_base_only() -> None:
+    # 5,466 MB naive image on a 106 MB Debian base: 5,360 MB of its own layers, on the 3,380 MB CUDA base.
+    assert bench.naive_on_published_base(5_466_000_000, 106_000_000, 3_379_534_165) == 8_739_534_165
+
+
+def test_usage_reads_cpu_disk_and_network_from_proc() -> None:
+    usage = bench.Usage()
+    usage.start()
+    sum(i * i for i in range(300_000))  # some CPU
+    usage.stop()
+    assert usage.seconds > 0 and usage.cpu_s > 0
+    assert usage.disk_mb >= 0 and usage.net_mb >= 0
+    assert usage.text().startswith("CPU ") and "cores busy, disk " in usage.text()
