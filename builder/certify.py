@@ -222,6 +222,19 @@ def expected_gpus(plan: GpuPlan) -> int | None:
     return len(plan.probe.gpus) if plan.probe is not None and plan.probe.gpus else None
 
 
+def model_summary(cell: Cell, checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each baked model as certify found it: its pin, whether it loaded offline, and how long that took. A model
+    whose check is missing (the payload died first) is `not run`, never passed."""
+    found = {c.get("name"): c for c in checks if isinstance(c, dict)}
+    out = []
+    for model in cell.models:
+        check = found.get(f"model.{model.name}") or {}
+        values = check.get("values") or {}
+        out.append({"name": model.name, "hub": model.hub, "url": model.url, "sha256": model.sha256,
+                    "status": check.get("status", "not run"), "load_seconds": values.get("load_seconds")})
+    return out
+
+
 def certify_one(engine: ContainerEngine, cell: Cell, options: CertifyOptions, session: str,
                 stop: threading.Event, plan: GpuPlan) -> tuple[str, dict[str, Any] | None, str]:
     """Certify one cell under its engine-wide claim; returns (level, certificate or None, one-line summary).
@@ -315,6 +328,7 @@ def _certify_claimed(engine: ContainerEngine, cell: Cell, options: CertifyOption
         "checks": (result or {}).get("checks", []),
         "inventory": inventory,
         "run": {"exit_code": run.exit_code, "seconds": round(run.seconds, 1), "log": str(log_path)},
+        "models": model_summary(cell, (result or {}).get("checks", [])),
     }
     with engine.files(image_id) as read:  # one container for every file the SBOM reads
         certificate["sbom"] = sbom.write(read, cell, image_id, started,

@@ -385,3 +385,13 @@ def test_a_model_that_will_not_load_offline_is_a_failed_check():
     assert "name resolution" in report.checks[0]["detail"]
     payload.model_checks(Offline(), report, {})  # a cell without models adds no check
     assert len(report.checks) == 1
+
+
+def test_the_certificate_lists_each_model_with_its_check(write_matrix):
+    from builder.certify import model_summary
+
+    cell = model_cell(write_matrix)
+    passed = {"name": "model.resnet18", "status": "pass", "values": {"load_seconds": 0.25}}
+    assert model_summary(cell, [passed]) == [{"name": "resnet18", "hub": "torch", "url": CANONICAL, "sha256": SHA,
+                                              "status": "pass", "load_seconds": 0.25}]
+    assert model_summary(cell, [])[0]["status"] == "not run"  # a payload that died first proves nothing
