@@ -197,6 +197,22 @@ class Usage:
                 f"({self.disk_mb / max(self.seconds, 1e-9):.0f} MB/s), network {self.net_mb:,.0f} MB in")
 
 
+def decomposition(steps: list[list[Any]]) -> str:
+    """Where a build's time went, from its record's steps ([n, instruction, seconds]): the OS Python layer, the
+    builder stage's install step (venv, fetch through the proxy, pip, export, and its layer commit), the final
+    stage's copies out of the builder stage (copy and commit), and every other step (metadata, user, labels)."""
+    parts = {"OS Python (apt)": 0.0, "install step (fetch, pip, commit)": 0.0,
+             "COPY --from=builder (copy, commit)": 0.0, "other steps": 0.0}
+    for _, instruction, seconds in steps:
+        text = str(instruction)
+        part = ("OS Python (apt)" if text.startswith("RUN apt-get") else
+                "install step (fetch, pip, commit)" if text.startswith("RUN") and " -m venv " in text else
+                "COPY --from=builder (copy, commit)" if text.startswith("COPY --from=builder") else "other steps")
+        parts[part] += float(seconds)
+    total = sum(parts.values()) or 1.0
+    return ", ".join(f"{name} {s:.0f} s ({s / total:.0%})" for name, s in parts.items())
+
+
 def twice_fetched(first: dict[str, int], second: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
     """What the second cell fetched upstream, split into cp-tagged wheels (expected) and anything else (not)."""
     cp = {name: size for name, size in second.items() if CP_TAG.search(name)}
@@ -347,6 +363,7 @@ def planning_row() -> Row:
 def main(select: list[str]) -> int:
     full = os.environ.get("BENCH_FULL") == "1"
     select = select or DEFAULT_SELECT
+    load_at_start, started = os.getloadavg(), time.monotonic()
     rows: list[Row] = [planning_row()]
     print(f"planning: {rows[0].figure:.2f} ms per cell", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="builder-bench-"))
@@ -362,16 +379,21 @@ def main(select: list[str]) -> int:
 
     if full:  # cold: empty package cache and no layer cache on either side; warm: the cache full, no layer cache
         cold = work / "cold-cache"
+        from builder.state import State
+
         b_cold = bench.cli("build", *sel1, "--force", "--no-cache", cache=cold)
+        cold_steps = (State(bench.state).read_record(one[0]["tag"]) or {}).get("steps") or []
         n_cold, _ = bench.naive_build(one[0], nocache=True)
         b_warm = bench.cli("build", *sel1, "--force", "--no-cache", cache=cold)
+        warm_steps = (State(bench.state).read_record(one[0]["tag"]) or {}).get("steps") or []
         n_warm, _ = bench.naive_build(one[0], nocache=True)
         rows += [
             Row(name="cold build, 1 cell", figure=b_cold, baseline=n_cold, unit="s", target="<= 1.0", limit=1.0,
-                runs="1 run", how="measured"),
+                runs="1 run", how="measured", note=f"where builder's time went: {decomposition(cold_steps)}"),
             Row(name="warm build (package cache full, no layer cache)", figure=b_warm, baseline=n_warm, unit="s",
                 target="<= 0.5", limit=0.5, runs="1 run", how="measured",
-                note="the naive recipe has no package cache: its warm build downloads everything again"),
+                note="the naive recipe has no package cache: its warm build downloads everything again; where "
+                     f"builder's time went: {decomposition(warm_steps)}"),
         ]
         if len(cells) > 1:  # e.g. a Python-only sibling selected too: its bytes come from the records
             for cell in cells[1:]:
@@ -442,7 +464,10 @@ def main(select: list[str]) -> int:
 
     header = (f"# Benchmark: builder against the naive recipe\n\nMeasured {time.strftime('%Y-%m-%d')} on "
               f"{os.cpu_count()} cores by `make bench`{' (BENCH_FULL=1)' if full else ''}; cell "
-              f"`{one[0]['tag']}`. Ratio = builder / naive (lower is better).")
+              f"`{one[0]['tag']}`. Ratio = builder / naive (lower is better).\n\nThe machine's load average "
+              f"(1 min) was {load_at_start[0]:.1f} at the start and {os.getloadavg()[0]:.1f} at the end of this "
+              f"{(time.monotonic() - started) / 60:.0f}-minute run: other work shares these cores, which is why "
+              "every figure is a ratio measured in the same run.")
     (DOCS / "bench.md").write_text(markdown(rows, header))
     (DOCS / "bench.json").write_text(json.dumps({"select": select, "full": full, "cell": one[0]["tag"], "rows": [
         {**asdict(r), "ratio": r.ratio, "met": r.met} for r in rows]}, indent=2) + "\n")

@@ -96,3 +96,14 @@ def test_usage_reads_cpu_disk_and_network_from_proc() -> None:
     assert usage.seconds > 0 and usage.cpu_s > 0
     assert usage.disk_mb >= 0 and usage.net_mb >= 0
     assert usage.text().startswith("CPU ") and "cores busy, disk " in usage.text()
+
+
+def test_a_builds_time_is_split_by_what_its_steps_do() -> None:
+    steps = [[1, "FROM debian:bookworm-slim AS os", 0.0],
+             [4, "RUN apt-get update  && apt-get install -y python3", 15.0],
+             [8, "RUN python3 -m venv /opt/venv  && PIP_CONFIG_FILE=... pip install", 45.0],
+             [11, "COPY --from=builder /opt/builder-export/ /", 10.0],
+             [12, "COPY --from=builder /opt/builder-venv/ /", 25.0],
+             [19, "LABEL org.builder.hash=abc", 5.0]]
+    assert bench.decomposition(steps) == ("OS Python (apt) 15 s (15%), install step (fetch, pip, commit) 45 s (45%), "
+                                          "COPY --from=builder (copy, commit) 35 s (35%), other steps 5 s (5%)")
