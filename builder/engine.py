@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 import docker
 import docker.errors
 import requests.exceptions
+import urllib3.exceptions
 from docker.types import DeviceRequest
 from docker.utils import parse_repository_tag
 
@@ -108,6 +109,7 @@ LEASE_GRACE_S = 300.0  # a lease created but not started for this long: its proc
 MADE_FILE = "builder-made.json"  # in a claim container: what its build made
 CLAIM_KINDS = ("build", "certify")
 _HEX = re.compile(r"[0-9a-f]{16,64}")
+_ID = re.compile(r"[0-9a-f]{12,64}")  # a container or image id, as short as the classic builder prints them
 NO_SPACE = "no space left on device"
 
 
@@ -486,7 +488,8 @@ class Engine:
                 if "error" in event:
                     on_line(f"ERROR: {event['error']}")
                     raise BuildFailed(str(event["error"]).strip())
-        except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
+        except (requests.exceptions.RequestException, docker.errors.APIError, urllib3.exceptions.HTTPError) as exc:
+            # urllib3's own: the SDK reads a build's stream from the raw response, which requests does not wrap
             if stop.is_set():
                 raise Interrupted(f"build of {tag} interrupted") from None
             if not self.answers():
@@ -846,8 +849,8 @@ class Engine:
             return set(), set()
         if not isinstance(data, dict):
             return set(), set()
-        return ({str(c) for c in data.get("containers") or [] if _HEX.fullmatch(str(c))},
-                {str(i) for i in data.get("images") or [] if _HEX.fullmatch(str(i).removeprefix("sha256:"))})
+        return ({str(c) for c in data.get("containers") or [] if _ID.fullmatch(str(c))},
+                {str(i) for i in data.get("images") or [] if _ID.fullmatch(str(i).removeprefix("sha256:"))})
 
     def _clear(self, dead: list[dict[str, Any]]) -> tuple[int, int]:
         """Remove dead runs' containers and what their claims say their builds made; (containers, images)."""

@@ -98,7 +98,15 @@ class NamespacedEngine:
             _sh("mount", "-t", "tmpfs", "-o", f"size={self.data_size}", "builder-test-data", str(self.root / "data"))
         config = {"insecure-registries": list(self.insecure_registries)} if self.insecure_registries else {}
         (self.root / "daemon.json").write_text(json.dumps(config) + "\n")  # not the main engine's daemon.json
-        log = (self.root / "dockerd.log").open("wb")
+        self._dockerd()
+
+    def restart(self) -> None:
+        """Start dockerd again on the same data root (after `stop()`), as an operator would after a crash."""
+        self.stop()
+        self._dockerd()
+
+    def _dockerd(self) -> None:
+        log = (self.root / "dockerd.log").open("ab")  # appended: a restart keeps the crashed run's log
         # nsenter, not `ip netns exec`: the latter remounts /sys and dockerd then finds no devices cgroup.
         self.process = subprocess.Popen(
             ["nsenter", f"--net=/var/run/netns/{self.netns}", "dockerd", "--config-file", str(self.root / "daemon.json"),
