@@ -324,7 +324,7 @@ class Bench:
         """Build the naive image of a cell; returns (seconds, image id). Timed around the SDK call only."""
         requirements = list(cell["claims"]["requirements"])
         files = {"Dockerfile": naive_dockerfile(cell["base"], requirements).encode(), "ca.pem": self.ca}
-        tag = f"{REPOSITORY}-naive/{cell['tag'].split('/', 1)[1]}"
+        tag = naive_tag(cell)
         started = time.monotonic()
         image_id = ""
         for event in self.client.api.build(fileobj=io.BytesIO(context_tar(files)), custom_context=True, tag=tag,
@@ -335,6 +335,55 @@ class Bench:
             if "aux" in event and "ID" in event["aux"]:
                 image_id = event["aux"]["ID"]
         return time.monotonic() - started, image_id
+
+
+def installer_row(bench: Bench, cell: dict[str, Any], image: str) -> Row:
+    """pip against uv, side by side: the same wheels (downloaded once on the host) installed into a fresh venv in
+    a container of `image` (the naive image: the cell's base and Python), offline, each in its own container,
+    wheels read once before either so both find them in the page cache. uv is installed from PyPI into the
+    bench's work folder."""
+    reqs = list(cell["claims"]["requirements"])
+    wheels, tools = bench.work / "wheels", bench.work / "uv-tools"
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels), "--only-binary=:all:",
+                    "--python-version", cell["python"], *reqs], check=True, capture_output=True)
+    if not (tools / "bin" / "uv").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(tools)], check=True)
+        subprocess.run([str(tools / "bin" / "pip"), "install", "-q", "uv"], check=True, capture_output=True)
+    for wheel in wheels.iterdir():
+        wheel.read_bytes()
+    pins = " ".join(reqs)
+    commands = {  # timed: the install alone, into a venv made (with pip, as the template makes it) beforehand
+        "pip": f"/tmp/v/bin/pip install -q --no-cache-dir --no-compile --no-index --find-links /w {pins}",
+        "uv": f"uv pip install -q --no-cache --no-index --find-links /w --python /tmp/v/bin/python {pins}",
+    }
+    took: dict[str, float] = {}
+    for name, command in commands.items():
+        container = bench.client.containers.create(
+            image, ["sh", "-c", f"python3 -m venv /tmp/v && s=$(date +%s.%N) && {command} "
+                    "&& e=$(date +%s.%N) && echo \"$s $e\""],
+            network_mode="none", user="0", labels={NAIVE_LABEL: "true"},
+            volumes={str(wheels): {"bind": "/w", "mode": "ro"},
+                     str(tools / "bin" / "uv"): {"bind": "/usr/local/bin/uv", "mode": "ro"}})
+        try:
+            container.start()
+            status = container.wait(timeout=1800)
+            out = container.logs().decode(errors="replace").strip().splitlines()
+            if status.get("StatusCode") != 0 or not out:
+                sys.exit(f"bench: {name} install in {image} failed: {out[-5:]}")
+            start, end = (float(v) for v in out[-1].split())
+            took[name] = end - start
+        finally:
+            container.remove(force=True)
+    size = sum(w.stat().st_size for w in wheels.iterdir()) / 1e6
+    return Row(name="installer: uv against pip (same wheels, offline, in a container)", figure=took["uv"],
+               baseline=took["pip"], unit="s", target="choose with numbers", limit=None, runs="1 run",
+               how="measured (the install alone, timed inside the container)",
+               note=f"{len(list(wheels.iterdir()))} wheels, {size:,.0f} MB, into a fresh venv on the cell's base "
+                    "and Python; neither compiles .pyc")
+
+
+def naive_tag(cell: dict[str, Any]) -> str:
+    return f"{REPOSITORY}-naive/{cell['tag'].split('/', 1)[1]}"
 
 
 def planning_row() -> Row:
@@ -461,6 +510,8 @@ def main(select: list[str]) -> int:
                     note="ratio = certify time / build time" if build_s else "no build record of this image in the "
                     "bench state (it was built earlier): run with BENCH_FULL=1 for the share"))
     rows += sibling_rows(bench)
+    if full:
+        rows.append(installer_row(bench, one[0], naive_tag(one[0])))
 
     header = (f"# Benchmark: builder against the naive recipe\n\nMeasured {time.strftime('%Y-%m-%d')} on "
               f"{os.cpu_count()} cores by `make bench`{' (BENCH_FULL=1)' if full else ''}; cell "
