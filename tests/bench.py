@@ -7,6 +7,7 @@ are noise, so every figure is a ratio against that baseline measured in the same
 
     python -m tests.bench [SELECTORS]          # default: no cold builds (builds what a no-op needs, once)
     BENCH_FULL=1 python -m tests.bench ...     # adds the cold and warm builds of the selected cell
+    BENCH_OUT=bench-torch python -m tests.bench --framework torch==2.4.1 ...   # docs/bench-torch.{md,json}
 """
 
 from __future__ import annotations
@@ -519,8 +520,9 @@ def main(select: list[str]) -> int:
               f"(1 min) was {load_at_start[0]:.1f} at the start and {os.getloadavg()[0]:.1f} at the end of this "
               f"{(time.monotonic() - started) / 60:.0f}-minute run: other work shares these cores, which is why "
               "every figure is a ratio measured in the same run.")
-    (DOCS / "bench.md").write_text(markdown(rows, header))
-    (DOCS / "bench.json").write_text(json.dumps({"select": select, "full": full, "cell": one[0]["tag"], "rows": [
+    out = os.environ.get("BENCH_OUT", "bench")  # e.g. BENCH_OUT=bench-torch beside the default cell's table
+    (DOCS / f"{out}.md").write_text(markdown(rows, header))
+    (DOCS / f"{out}.json").write_text(json.dumps({"select": select, "full": full, "cell": one[0]["tag"], "rows": [
         {**asdict(r), "ratio": r.ratio, "met": r.met} for r in rows]}, indent=2) + "\n")
     print(markdown(rows, header))
     cleanup(bench, [one[0]["tag"]])
