@@ -54,18 +54,20 @@ def registry_image(engine: Engine, work: Work) -> str:
 
 
 class Registry:
-    """One running registry container on 127.0.0.1, its life held by testcontainers."""
+    """One running registry container on 127.0.0.1 (or another address of this machine), its life held by
+    testcontainers."""
 
-    def __init__(self, image: str, config: str = "open") -> None:
+    def __init__(self, image: str, config: str = "open", bind: str = "127.0.0.1") -> None:
         from testcontainers.core.container import DockerContainer
 
+        self.bind = bind
         self.container = DockerContainer(image).with_command(f"/etc/registry/{config}.yml")
-        self.container.ports["5000/tcp"] = ("127.0.0.1", None)  # loopback only, never every address
+        self.container.ports["5000/tcp"] = (bind, None)  # that one address only, never every address
         self.container.with_kwargs(labels={MANAGED: "true"})
 
     def __enter__(self) -> Registry:
         self.container.start()
-        self.address = f"127.0.0.1:{self.container.get_exposed_port(5000)}"
+        self.address = f"{self.bind}:{self.container.get_exposed_port(5000)}"
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -221,8 +223,9 @@ def test_registry_faults_give_one_line_and_record_nothing(engine: Engine, work: 
             assert registry_names(engine, address) == [], name
 
 
-# Last: it removes the built image, and a pulled image has no parent to prove what was tested.
-def test_round_trip(engine: Engine, work: Work, registry: Registry, login: dict[str, str], certified: dict) -> None:
+# Last: it removes the built image; what is pulled back is then mirrored to a second registry.
+def test_round_trip(engine: Engine, work: Work, registry: Registry, login: dict[str, str], certified: dict,
+                    registry_image: str, tmp_path: Path) -> None:
     reg = registry.address
     started = time.monotonic()
     proc = run(work, "push", *TF_CPU, "--registry", f"{reg}/team", env=login)
@@ -289,5 +292,39 @@ def test_round_trip(engine: Engine, work: Work, registry: Registry, login: dict[
     assert recert.returncode == 0, recert.stderr
     assert "recertified" in recert.stdout
     assert engine.image(TF_CPU_TAG).id == info.id  # the scratch stamp of the re-run is not kept
+
+    # The pulled image has no local parent to show what was tested. It is mirrored to a second registry only
+    # once the registry it came from confirms that very image with that certificate beside it.
+    with Registry(registry_image, "open") as mirror:
+        no_login = tmp_path / "no-login"
+        no_login.mkdir()
+        refused = run(work, "push", *TF_CPU, "--registry", f"{mirror.address}/mirror", state=elsewhere,
+                      env={"DOCKER_CONFIG": str(no_login)})
+        line = one_clean_line(refused)
+        assert refused.returncode == 8 and "it was pulled" in line and "requires a login" in line, line
+        assert State(elsewhere).read_publish(TF_CPU_TAG) is None
+        mirror_repo = f"{mirror.address}/mirror/{TF_CPU_TAG.rsplit(':', 1)[0]}"
+        mirror_path = mirror_repo.split("/", 1)[1]
+        assert requests.get(f"http://{mirror.address}/v2/{mirror_path}/tags/list", timeout=10).status_code == 404
+        started = time.monotonic()
+        mirrored = run(work, "push", *TF_CPU, "--registry", f"{mirror.address}/mirror", state=elsewhere, env=login)
+        mirror_s = time.monotonic() - started
+        assert mirrored.returncode == 0, mirrored.stderr
+        assert f"mirrored from {record.reference}" in mirrored.stderr
+        copy = State(elsewhere).read_publish(TF_CPU_TAG)
+        assert copy is not None and copy.extra == {"mirrored_from": record.reference}
+        assert copy.reference.startswith(f"{mirror_repo}@sha256:") and copy.image_id == info.id
+        # the mirror holds this very image (its config is the image id) with the same certificate beside it
+        manifest = requests.get(f"http://{mirror.address}/v2/{mirror_path}/manifests/{copy.digest}", headers=accept,
+                                timeout=10).json()
+        assert manifest["config"]["digest"] == info.id
+        mirror_cert = f"sha256-{copy.digest.split(':')[1]}.cert"
+        art = requests.get(f"http://{mirror.address}/v2/{mirror_path}/manifests/{mirror_cert}", timeout=10,
+                           headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+        assert requests.get(f"http://{mirror.address}/v2/{mirror_path}/blobs/{art['layers'][0]['digest']}",
+                            timeout=10).json() == certified
+        assert run(work, "resolve", *TF_CPU, "--registry", f"{mirror.address}/mirror").stdout.strip() == copy.reference
+        assert registry_names(engine, mirror.address) == []
+        print(f"mirror push {mirror_s:.1f} s")
     for path in [*work.state.rglob("*"), *elsewhere.rglob("*")]:  # the tool wrote no credential anywhere
         assert not path.is_file() or PASSWORD not in path.read_text(errors="replace"), path
