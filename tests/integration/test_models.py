@@ -1,0 +1,267 @@
+"""Pretrained models baked into a real image and loaded offline, from a mirror on loopback.
+
+The public hubs are not reachable here, so the test makes a small torchvision-architecture state dict (random
+weights, squeezenet1_1) inside the session's torch image and serves it on loopback with the hub's URL shape, behind
+a mirror that wants a password. The model cell is the session's torch cell (conftest TORCH) in a matrix copy with
+another repository and the model added: every layer before the model's is the torch image's own.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from builder.matrix.model import Model
+from builder.models import image_path
+from tests.integration.conftest import REPOSITORY, TORCH, TORCH_TAG, Work
+
+pytestmark = pytest.mark.engine
+
+MODELS_REPOSITORY = f"{REPOSITORY}-models"
+MODEL_TAG = TORCH_TAG.replace(f"{REPOSITORY}/", f"{MODELS_REPOSITORY}/", 1)
+CANONICAL = "https://download.pytorch.org/models"  # unreachable here: only the mirror serves it
+USER, PASSWORD = "modeluser", "canary-model-secret-7f3a"
+
+
+class Hub:
+    """A mirror on loopback: serves `files` (URL path -> bytes) to requests with the right Basic credentials."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.served = 0
+        self.refused = 0
+        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.headers.get("Authorization") != f"Basic {token}":
+                    hub.refused += 1
+                    self.send_error(401)
+                    return
+                data = hub.files.get(self.path.split("?", 1)[0])
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                hub.served += len(data)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def mirror(self) -> str:
+        return f"http://{USER}:{PASSWORD}@127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> Hub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def docker(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def make_weights(tmp: Path) -> tuple[str, bytes]:
+    """squeezenet1_1 with random weights (seeded), saved by the torch image itself: (file name, bytes) with the
+    file name in torchvision's `<name>-<sha256 prefix>.pth` shape."""
+    tmp.chmod(0o777)
+    code = ("import torch, torchvision; torch.manual_seed(0); "
+            "torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), '/out/w.pth')")
+    proc = docker("run", "--rm", "--network", "none", "-u", "0", "-v", f"{tmp}:/out", TORCH_TAG, "python", "-c", code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = (tmp / "w.pth").read_bytes()
+    return f"squeezenet1_1-{hashlib.sha256(data).hexdigest()[:8]}.pth", data
+
+
+def models_matrix(work: Work, name: str, sha256: str) -> Path:
+    """The session's matrix with another repository and the model added to the torch group TORCH comes from."""
+    text = work.matrix.read_text().replace(f"repository: {REPOSITORY}\n", f"repository: {MODELS_REPOSITORY}\n", 1)
+    block = ("    exclude:\n      - {cuda: cpu}\n    models:\n      - {name: squeezenet, hub: torch, arch: squeezenet1_1,"
+             f" input: [2, 3, 64, 64],\n         url: \"{CANONICAL}/{name}\",\n         sha256: \"{sha256}\"}}\n")
+    assert "    exclude:\n      - {cuda: cpu}\n" in text
+    text = text.replace("    exclude:\n      - {cuda: cpu}\n", block, 1)
+    path = work.root / "matrix-models.yaml"
+    path.write_text(text)
+    return path
+
+
+def layers(tag: str) -> list[str]:
+    proc = docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", tag)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_a_model_from_a_mirror_is_baked_certified_and_loads_offline(work: Work, torch_built: dict,
+                                                                    tmp_path: Path, engine) -> None:
+    name, data = make_weights(tmp_path)
+    sha256 = hashlib.sha256(data).hexdigest()
+    matrix = models_matrix(work, name, sha256)
+    url = f"{CANONICAL}/{name}"
+    model = Model(name="squeezenet", hub="torch", url=url, sha256=sha256, input=(2, 3, 64, 64),
+                  arch="squeezenet1_1")
+    try:
+        with Hub({f"/models/{name}": data}) as hub:
+            started = time.monotonic()
+            proc = work.cli("build", *TORCH, matrix=matrix, env={"BUILDER_MODEL_MIRROR": hub.mirror})
+            seconds = time.monotonic() - started
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert hub.served == len(data) and hub.refused == 0
+        record = work.record(MODEL_TAG)
+        assert record["model_bytes"] == len(data)
+
+        # Every layer before the model's is the session's torch image's (its last, cell.json, now claims the
+        # model and follows the model's layer): the model adds one layer.
+        base, built = layers(TORCH_TAG), layers(MODEL_TAG)
+        assert built[:len(base) - 1] == base[:-1], "a layer before the model's was rebuilt"
+        assert len(built) == len(base) + 1
+        sizes = [json.loads(line) for line in docker("image", "history", "--no-trunc", "--format", "{{json .}}",
+                                                     MODEL_TAG).stdout.splitlines()]
+        add = next(h for h in sizes if "ADD models/" in h["CreatedBy"])
+        add_step = next(s for s in record["steps"] if s[1].startswith("ADD models/"))
+        print(f"\nmodel layer: {add['Size']} ({len(data):,} bytes of weights), diff id {built[-2][:19]}; "
+              f"its build step {add_step[2]} s; model cell build {seconds:.0f} s (torch cell {torch_built['seconds']} s); "
+              f"fetched {record['model_bytes']:,} bytes from the mirror")
+
+        # The mirror's credentials reach no log, label, history or environment.
+        inspect = docker("image", "inspect", MODEL_TAG).stdout + docker("image", "history", "--no-trunc",
+                                                                         MODEL_TAG).stdout
+        log_text = "".join(p.read_text(errors="replace") for p in Path(work.state).rglob("*") if p.is_file())
+        for text in (proc.stdout, proc.stderr, inspect, log_text, json.dumps(record)):
+            assert PASSWORD not in text and USER not in text
+
+        # certify loads it with the network off, through torch.hub, and runs a forward pass.
+        cert_proc = work.cli("certify", *TORCH, matrix=matrix)
+        assert cert_proc.returncode == 0, cert_proc.stdout + cert_proc.stderr[-3000:]
+        cert = work.certificate(MODEL_TAG)
+        check = next(c for c in cert["checks"] if c["name"] == "model.squeezenet")
+        assert check["status"] == "pass", check
+        assert check["values"]["sha256"] == sha256 and check["values"]["path"] == image_path(model)
+        assert check["values"]["output_shape"] == [2, 1000]
+        print(f"certify: {check['detail']}")
+
+        # By hand, as a user would: no network, the hub's own API, the canonical URL.
+        code = (f"import torch, torchvision; sd = torch.hub.load_state_dict_from_url({url!r}); "
+                "m = torchvision.models.squeezenet1_1(); m.load_state_dict(sd); m.eval(); "
+                "print(tuple(m(torch.zeros(1, 3, 64, 64)).shape), torch.hub.get_dir())")
+        run = docker("run", "--rm", "--network", "none", MODEL_TAG, "python", "-c", code)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split() == ["(1,", "1000)", "/opt/models/torch/hub"], run.stdout
+
+        # One byte changed on the mirror, with a cache that does not have the model yet: the build refuses it.
+        cached = work.cache / "models" / sha256
+        assert cached.is_file()
+        cached.unlink()
+        bad = bytearray(data)
+        bad[len(bad) // 2] ^= 0x01
+        bad_sha = hashlib.sha256(bad).hexdigest()
+        with Hub({f"/models/{name}": bytes(bad)}) as hub:
+            refused = work.cli("build", *TORCH, "--force", "--model-mirror", hub.mirror, matrix=matrix)
+        assert refused.returncode != 0
+        assert sha256 in refused.stderr and bad_sha in refused.stderr, refused.stderr[-2000:]
+        assert "squeezenet" in refused.stderr and PASSWORD not in refused.stderr
+        assert list((work.cache / "models").iterdir()) == []  # nothing half-written, nothing wrong kept
+        assert layers(MODEL_TAG) == built  # the good image stays
+    finally:
+        docker("rmi", "-f", MODEL_TAG)
+
+
+def test_models_matrix_is_sound(work: Work, tmp_path: Path) -> None:
+    """The matrix the model test writes is accepted (cheap: no engine work), so a refusal above is the model's."""
+    matrix = models_matrix(work, "squeezenet1_1-0123abcd.pth", "0123abcd" + "0" * 56)
+    proc = work.cli("matrix", *TORCH, matrix=matrix)
+    assert proc.returncode == 0, proc.stderr
+    assert MODEL_TAG in proc.stdout
+
+
+TF_CPU = ["--framework", "tensorflow==2.18.0", "--cuda", "cpu", "--python", "3.11"]
+TF_CPU_TAG = f"{REPOSITORY}/tensorflow:2.18.0-cpu-py3.11-runtime-debian12"
+TF_MODEL_TAG = TF_CPU_TAG.replace(f"{REPOSITORY}/", f"{MODELS_REPOSITORY}/", 1)
+TF_HANDLE = "https://tfhub.dev/builder-test/tiny-classifier/1"  # tfhub.dev's URL shape; unreachable here
+TF_VERSION_BLOCK = '      "2.18.0":\n        python: ["3.9", "3.10", "3.11", "3.12"]\n'
+TF_GROUP = '  - framework: tensorflow\n    bases: [debian12]\n    include:\n      - {version: "2.18.0", cuda: cpu, python: "3.11"}\n'
+
+
+def make_module(tmp: Path) -> bytes:
+    """A tiny TF2 SavedModel (a seeded 4 -> 3 softmax layer), saved by the TF CPU image itself, packed as a hub's
+    compressed module: a .tar.gz of the SavedModel directory's contents."""
+    tmp.chmod(0o777)
+    code = ("import tensorflow as tf\n"
+            "class M(tf.Module):\n"
+            "    def __init__(self):\n"
+            "        self.w = tf.Variable(tf.random.stateless_normal([4, 3], seed=(1, 2)))\n"
+            "    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])\n"
+            "    def __call__(self, x):\n"
+            "        return tf.nn.softmax(tf.matmul(x, self.w))\n"
+            "tf.saved_model.save(M(), '/out/module')\n")
+    proc = docker("run", "--rm", "--network", "none", "-u", "0", "-v", f"{tmp}:/out", TF_CPU_TAG, "python", "-c", code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(tmp / "module", arcname=".")
+    return buf.getvalue()
+
+
+def test_a_tfhub_module_is_baked_certified_and_loads_offline(work: Work, tmp_path: Path, engine) -> None:
+    work.cli("build", *TF_CPU, check=True)  # the session's TF CPU image (test_canary's): up to date if it built it
+    data = make_module(tmp_path)
+    sha256 = hashlib.sha256(data).hexdigest()
+    text = work.matrix.read_text().replace(f"repository: {REPOSITORY}\n", f"repository: {MODELS_REPOSITORY}\n", 1)
+    assert TF_VERSION_BLOCK in text and TF_GROUP in text
+    # tensorflow-hub 0.16 needs tf-keras under Keras 3 (the matrix refuses it without): pinned explicitly.
+    text = text.replace(TF_VERSION_BLOCK, TF_VERSION_BLOCK
+                        + '        companions: {tensorflow-hub: "0.16.1", tf-keras: "2.18.0"}\n', 1)
+    text = text.replace(TF_GROUP, TF_GROUP + "    models:\n      - {name: tiny, hub: tfhub, input: [2, 4], "
+                        f'url: "{TF_HANDLE}", sha256: "{sha256}"}}\n', 1)
+    matrix = work.root / "matrix-tf-models.yaml"
+    matrix.write_text(text)
+    model = Model(name="tiny", hub="tfhub", url=TF_HANDLE, sha256=sha256, input=(2, 4))
+    try:
+        with Hub({"/builder-test/tiny-classifier/1": data}) as hub:
+            started = time.monotonic()
+            proc = work.cli("build", *TF_CPU, matrix=matrix, env={"BUILDER_MODEL_MIRROR": hub.mirror})
+            seconds = time.monotonic() - started
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert hub.served == len(data)
+        record = work.record(TF_MODEL_TAG)
+        assert record["model_bytes"] == len(data)
+        base, built = layers(TF_CPU_TAG), layers(TF_MODEL_TAG)
+        assert built[:2] == base[:2], "the OS and Python layers were rebuilt"
+        add_step = next(s for s in record["steps"] if s[1].startswith("ADD models/"))
+        print(f"\ntfhub module: {len(data):,} bytes, layer step {add_step[2]} s, build {seconds:.0f} s "
+              f"(tensorflow-hub and tf-keras added to the environment)")
+
+        cert_proc = work.cli("certify", *TF_CPU, matrix=matrix)
+        assert cert_proc.returncode == 0, cert_proc.stdout + cert_proc.stderr[-3000:]
+        check = next(c for c in work.certificate(TF_MODEL_TAG)["checks"] if c["name"] == "model.tiny")
+        assert check["status"] == "pass", check
+        assert check["values"]["path"] == image_path(model) and check["values"]["output_shape"] == [2, 3]
+        print(f"certify: {check['detail']}")
+
+        code = (f"import tensorflow as tf, tensorflow_hub as hub; m = hub.load({TF_HANDLE!r}); "
+                f"print(hub.resolve({TF_HANDLE!r}), tuple(m(tf.ones([1, 4])).shape))")
+        run = docker("run", "--rm", "--network", "none", TF_MODEL_TAG, "python", "-c", code)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split() == [image_path(model), "(1,", "3)"], run.stdout
+    finally:
+        docker("rmi", "-f", TF_MODEL_TAG)
