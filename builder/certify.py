@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
 import json
 import logging
 import platform
@@ -38,6 +39,9 @@ from builder.state import LEVELS, State
 from builder.verdict import decide, summarize
 
 log = logging.getLogger("builder")
+# The payload's promises, for the one check certify makes from outside the image. Imported by name: the payload's
+# modules are standard library for any Python from 3.8 on, untyped, and outside mypy's strict check.
+promises: Any = importlib.import_module("builder.smoke.promises")
 
 CERT_SCHEMA = 2
 PAYLOAD_DIR = "/opt/builder/smoke"
@@ -308,8 +312,13 @@ def _certify_claimed(engine: ContainerEngine, cell: Cell, options: CertifyOption
         result = None
     if result is not None and not isinstance(result, dict):
         result = None
+    if result is not None:  # what the image's user cannot see from inside (/root) is read through the engine
+        result["checks"] = [*(result.get("checks") or []), credentials_everywhere(engine, image_id)]
     outcome = decide(result, run.exit_code, requested=request is not None, require_gpu=options.require_gpu,
                      logs=run.logs)
+    for check in (result or {}).get("checks") or []:  # the summary gives a skip's reason short: whole with --debug
+        if isinstance(check, dict) and check.get("status") == "skip":
+            log.debug("%s: %s skipped: %s", cell.tag, check.get("name"), check.get("detail"))
     inventory = (result or {}).get("inventory", {})
     certificate: dict[str, Any] = {
         "schema": CERT_SCHEMA,
@@ -342,6 +351,21 @@ def _certify_claimed(engine: ContainerEngine, cell: Cell, options: CertifyOption
     if outcome.gpu_note:
         summary = outcome.gpu_note + "; " + summary
     return outcome.level, certificate, summary
+
+
+def credentials_everywhere(engine: ContainerEngine, image_id: str) -> dict[str, Any]:
+    """promise.credentials.all_homes: no credential file in any home, /root included, read as root through the engine.
+
+    The payload's promise.credentials runs as the image's user, who cannot open /root; this reads the image's
+    files without running anything, so no home is out of sight. Names paths and keys, never contents.
+    """
+    with engine.files(image_id) as read:
+        homes = promises.passwd_homes((read("/etc/passwd") or b"").decode("utf-8", "replace"))
+        found = promises.credentials_in(read, homes)
+    detail = (f"no credential file in any home ({', '.join(homes)}), read through the engine" if not found
+              else f"credentials in the image: {', '.join(found[:5])}")
+    return {"name": "promise.credentials.all_homes", "status": "fail" if found else "pass", "detail": detail,
+            "values": {"homes": homes, "found": found}}
 
 
 def probe_engine(engine: ContainerEngine, cells: list[Cell], option: str, image: str | None = None) -> GpuPlan:

@@ -67,6 +67,17 @@ def decide(result: dict[str, Any] | None, exit_code: int | None, *, requested: b
     return Outcome(level=level, reasons=failed, gpu_note=note)
 
 
+REASON_MAX = 80  # a skip's reason in a summary line; the whole detail is in the certificate and the --debug log
+
+
+def reason(detail: str, limit: int = REASON_MAX) -> str:
+    """A skip's reason for a summary: its words before the first colon, whole, or cut at a word boundary."""
+    head = detail.split(":")[0].strip()
+    if len(head) <= limit:
+        return head
+    return head[:limit + 1].rsplit(" ", 1)[0].rstrip(",;") + " ..."
+
+
 def summarize(checks: list[dict[str, Any]]) -> str:
     """`9 passed, 1 skipped (no GPU)`: counts by status, with the reasons for skips."""
     counts = {s: sum(c.get("status") == s for c in checks) for s in ("pass", "fail", "skip")}
@@ -74,6 +85,6 @@ def summarize(checks: list[dict[str, Any]]) -> str:
     if counts["fail"]:
         text += f", {counts['fail']} failed"
     if counts["skip"]:
-        why = sorted({str(c.get("detail", "")).split(":")[0][:40] for c in checks if c.get("status") == "skip"})
+        why = sorted({reason(str(c.get("detail", ""))) for c in checks if c.get("status") == "skip"})
         text += f", {counts['skip']} skipped ({'; '.join(why)})"
     return text

@@ -35,6 +35,10 @@ MUST_BE_EMPTY = {
 }
 APT_BINARY_CACHES = ("/var/cache/apt/pkgcache.bin", "/var/cache/apt/srcpkgcache.bin")
 CREDENTIAL_FILES = (".netrc", "_netrc", ".pypirc", ".git-credentials")
+# Per-home pip configs, and the Docker client's config (registry logins: `auth`, `identitytoken`).
+HOME_PIP_CONFIGS = (os.path.join(".pip", "pip.conf"), os.path.join(".config", "pip", "pip.conf"))
+DOCKER_CONFIG = os.path.join(".docker", "config.json")
+DOCKER_SECRET_KEYS = ("auth", "identitytoken", "registrytoken", "password")
 # A variable whose name says it holds a secret ...
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASS(WORD|WD)?($|_)|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|AUTH",
                          re.IGNORECASE)
@@ -176,12 +180,17 @@ def caches_empty(report, must_be_empty=None, apt_caches=APT_BINARY_CACHES, homes
 
 def pip_config_secrets(path):
     """The keys of a pip config file that carry a credential; [] for a clean or missing file."""
-    parser = configparser.RawConfigParser(strict=False, interpolation=None)
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             text = fh.read()
     except FileNotFoundError:
         return []
+    return pip_text_secrets(text)
+
+
+def pip_text_secrets(text):
+    """The keys of a pip config's text that carry a credential (a password, token, client cert, user@ URL)."""
+    parser = configparser.RawConfigParser(strict=False, interpolation=None)
     try:
         parser.read_string(text)
     except configparser.Error:
@@ -192,6 +201,54 @@ def pip_config_secrets(path):
             if key in PIP_SECRET_KEYS or USERINFO_URL.search(value or ""):
                 bad.append(f"{section}.{key}")
     return bad
+
+
+def docker_config_secrets(text):
+    """Where a Docker client config holds a credential: `auths.REGISTRY.auth` and the like ([] for none)."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return ["(unparsable)"] if any(f'"{k}"' in text for k in DOCKER_SECRET_KEYS) else []
+    found = []
+    auths = data.get("auths") if isinstance(data, dict) else None
+    for registry, entry in sorted(auths.items()) if isinstance(auths, dict) else ():
+        if isinstance(entry, dict):
+            found += [f"auths.{registry}.{k}" for k in DOCKER_SECRET_KEYS if entry.get(k)]
+    return found
+
+
+def credentials_in(read, homes):
+    """The credential files under `homes`, read through `read(path) -> bytes or None`.
+
+    certify calls this with the image's files read through the engine, which reads them as root without running
+    anything: every home is seen, /root included, which the image's own user cannot open from inside.
+    """
+    found = []
+    for home in homes:
+        for name in CREDENTIAL_FILES:
+            path = os.path.join(home, name)
+            if read(path) is not None:
+                found.append(path)
+        for name in HOME_PIP_CONFIGS:
+            path = os.path.join(home, name)
+            data = read(path)
+            found += [f"{path} ({key})" for key in pip_text_secrets(data.decode("utf-8", "replace"))] if data else []
+        path = os.path.join(home, DOCKER_CONFIG)
+        data = read(path)
+        found += [f"{path} ({key})" for key in docker_config_secrets(data.decode("utf-8", "replace"))] if data else []
+    return found
+
+
+def passwd_homes(text):
+    """Every home an /etc/passwd names (but /), and /root, whoever the image's user is."""
+    homes = {"/root"}
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 6 and fields[5].startswith("/") and fields[5] != "/":
+            homes.add(fields[5].rstrip("/"))
+    return sorted(homes)
 
 
 def pip_configs(homes, environ):
@@ -231,7 +288,17 @@ def credential_files(report, homes=None, environ=None):
             unreadable.append(path)
             continue
         found += [f"{path} ({key})" for key in keys]
-    detail = ("no .netrc, .pypirc, .git-credentials or credential-bearing pip config" if not found
+    for home in homes:
+        path = os.path.join(home, DOCKER_CONFIG)
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                found += [f"{path} ({key})" for key in docker_config_secrets(fh.read())]
+        except FileNotFoundError:
+            pass
+        except (PermissionError, NotADirectoryError):
+            if home not in unreadable:
+                unreadable.append(home)
+    detail = ("no .netrc, .pypirc, .git-credentials, credential-bearing pip config or Docker login" if not found
               else f"credentials in the image: {', '.join(found[:5])}")
     if unreadable:
         detail += f" (not readable by this user: {', '.join(unreadable)})"

@@ -134,8 +134,8 @@ def test_engine_killed_mid_build_is_one_line_and_the_next_run_removes_what_it_le
     started = time.monotonic()
     log = State(site.state).log_path(TF_CPU_TAG)
     build = site.start("build", *TF_CPU)
-    out, err, to_exit = site.kill_when(build, lambda: log.exists() and "Collecting " in log.read_text(),
-                                       "pip starting in the build")
+    _, err, to_exit = site.kill_when(build, lambda: log.exists() and "Collecting " in log.read_text(),
+                                     "pip starting in the build")
     assert build.returncode == 1, err[-3000:]
     assert to_exit < 30, to_exit  # the run noticed at once, it did not wait for a stream that will never end
     [line] = errors(err)
@@ -184,8 +184,7 @@ def test_two_builds_of_one_selection_on_one_remote_engine_build_it_once(site):
     assert record is not None and image is not None and record["image_id"] == image.id
     assert json.loads(State(site.state).record_path(TF_CPU_TAG).read_text())["image_id"] == image.id
     assert State(site.state).log_path(TF_CPU_TAG).read_text().count("Step 1/") == 1
-    containers, untagged = site.leftovers()
-    assert containers == []  # no claim, lease or step container
+    assert site.leftovers()[0] == []  # no claim, lease or step container
     assert not site.engine.api.images(filters={"dangling": True, "label": MANAGED})  # nor a builder stage
     TIMES["two builds at once"] = time.monotonic() - started
 
@@ -218,7 +217,7 @@ def test_two_certify_runs_certify_once_and_a_kill_mid_certify_keeps_the_certific
             seen.append(time.monotonic())
         return bool(seen) and time.monotonic() - seen[0] > 3
 
-    out, err, to_exit = site.kill_when(forced, payload_running, "the payload running")
+    _, err, to_exit = site.kill_when(forced, payload_running, "the payload running")
     assert forced.returncode == 1 and to_exit < 30, (forced.returncode, to_exit, err[-2000:])
     assert errors(err) == []
     [line] = [ln for ln in err.splitlines() if ln.startswith(f"{TF_CPU_TAG}: failed")]

@@ -64,7 +64,7 @@ def test_certify_asks_for_the_promises_with_the_images_user(tmp_path):
     assert "/opt/builder/smoke/promises.py" in run["inject"]  # brought in beside the payload
     assert res.level == "cpu-verified"
     assert [c["name"] for c in cert["checks"] if c["name"].startswith("promise.")] == [
-        "promise.non_root", "promise.clean", "promise.timezone"]
+        "promise.non_root", "promise.clean", "promise.timezone", "promise.credentials.all_homes"]
 
 
 def test_a_broken_promise_fails_the_image(tmp_path):

@@ -35,6 +35,7 @@ from builder.errors import EngineGone
 from builder.render import render
 from builder.sources import Sources
 from builder.state import State
+from builder.verdict import reason, summarize
 
 from .fakes import FakeEngine, Payload
 from .golden import cell
@@ -225,3 +226,18 @@ def test_an_engine_that_dies_mid_certify_keeps_the_old_certificate(tmp_path):
     assert "stopped answering" in results[0].summary and first.level == "cpu-verified"
     assert (state.certificate_path(CPU_CELL.tag).read_bytes(), state.index_path.read_bytes()) == before
     assert engine.claims == {}
+
+
+# --------------------------------------------------------------------------------- the certify summary
+def test_a_skip_reason_is_shown_whole_not_cut_at_40_characters():
+    detail = "no C/C++ compiler in the image, which torch.compile (inductor) needs: install g++ in a devel image"
+    text = summarize([{"status": "pass"}, {"status": "skip", "detail": detail}, {"status": "skip", "detail": "one GPU"}])
+    # was "(no C/C++ compiler in the image, which to; one GPU)"
+    assert text == "1 passed, 2 skipped (no C/C++ compiler in the image, which torch.compile (inductor) needs; one GPU)"
+
+
+def test_a_very_long_skip_reason_is_cut_at_a_word_boundary():
+    words = "the framework reported a reason far longer than any summary line should carry in one go, " * 2
+    short = reason(words)
+    assert short.endswith(" ...") and len(short) <= 84
+    assert words.startswith(short[:-4]) and words[len(short) - 4] == " "  # whole words only
