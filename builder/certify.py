@@ -256,13 +256,13 @@ def certify_one(engine: ContainerEngine, cell: Cell, options: CertifyOptions, se
         return _certify_claimed(engine, cell, options, session, stop, plan)
     before = (State(options.state_dir).read_certificate(cell.tag) or {}).get("digest")
     with holding(engine, "certify", key, cell.tag, image_id, stop) as (_, waited):
-        return _certify_claimed(engine, cell, options, session, stop, plan, before=before if waited else None)
+        return _certify_claimed(engine, cell, options, session, stop, plan, waited=waited, before=before)
 
 
 def _certify_claimed(engine: ContainerEngine, cell: Cell, options: CertifyOptions, session: str,
-                     stop: threading.Event, plan: GpuPlan,
+                     stop: threading.Event, plan: GpuPlan, waited: bool = False,
                      before: str | None = None) -> tuple[str, dict[str, Any] | None, str]:
-    """certify_one's work; `before` (after a wait) is the certificate's digest before the other run wrote its own."""
+    """certify_one's work; after a wait for another run, `before` is the certificate's digest from before it."""
     state = State(options.state_dir)
     if options.image is not None:  # a pulled image has no parent and may come from another base: take it as it is
         pulled = engine.image(options.image)
@@ -280,7 +280,7 @@ def _certify_claimed(engine: ContainerEngine, cell: Cell, options: CertifyOption
     old = state.read_certificate(cell.tag)
     tagged = engine.image(cell.tag)
     stale = staleness(old, image_id, tagged.labels.get(CERT_DIGEST) if tagged else None, payload, plan)
-    if stale is None and old is not None and before is not None and old.get("digest") != before:
+    if stale is None and old is not None and waited and old.get("digest") != before:
         return str(old["level"]), old, f"current: {summarize(old.get('checks') or [])} (certified by another run)"
     if stale is None and old is not None and not options.force:
         return str(old["level"]), old, f"current: {summarize(old.get('checks') or [])} (--force re-runs it)"

@@ -241,3 +241,34 @@ def test_a_very_long_skip_reason_is_cut_at_a_word_boundary():
     short = reason(words)
     assert short.endswith(" ...") and len(short) <= 84
     assert words.startswith(short[:-4]) and words[len(short) - 4] == " "  # whole words only
+
+
+# ------------------------------------------------------------------- two runs through one engine's claims
+def two_runs_on_one_engine(**kw) -> tuple[FakeEngine, FakeEngine]:
+    """Two processes' views of one engine: the same images, tags and claims; each its own owner."""
+    a = FakeEngine(who="host a, pid 1", **kw)
+    b = FakeEngine(who="host b, pid 2", images=a.images, refs=a.refs, claims=a.claims, lock=a.lock, **kw)
+    return a, b
+
+
+def test_a_certify_run_that_waited_takes_the_other_runs_certificate(tmp_path):
+    payload = {"schema": 1, "checks": [{"name": "train.cpu.mlp", "status": "pass", "detail": "ok", "values": {}}],
+               "inventory": {"gpus": []}}
+    a, b = two_runs_on_one_engine(payload=lambda image, cmd, gpus: Payload(result=payload))
+    base = a.add_image(CPU_CELL.base.image)
+    a.add_image(CPU_CELL.tag, {HASH: render(CPU_CELL, base_id=base.id).content_hash, TAG: CPU_CELL.tag})
+    a.on_run = lambda image, stop: time.sleep(0.5)  # a is certifying while b starts
+    options = CertifyOptions(state_dir=tmp_path / "state", lock_dir=tmp_path)
+    first: list = []
+    thread = threading.Thread(target=lambda: first.extend(certify_cells(a, [CPU_CELL], options)))
+    thread.start()
+    while not a.runs:
+        time.sleep(0.01)
+    [second] = certify_cells(b, [CPU_CELL], dataclasses.replace(options, force=True))  # even --force takes it
+    thread.join()
+    assert first[0].level == second.level == "cpu-verified"
+    assert len(a.runs) == 1 and b.runs == []  # the payload ran once
+    assert second.current and second.summary.endswith("(certified by another run)")
+    cert = State(tmp_path / "state").read_certificate(CPU_CELL.tag)
+    assert State(tmp_path / "state").index()[CPU_CELL.tag].digest == cert["digest"]
+    assert a.claims == {}
