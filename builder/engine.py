@@ -688,11 +688,15 @@ class Engine:
 
         The classic builder's intermediate containers carry the Dockerfile's own managed label, so
         this also clears what an interrupted build left. running=False spares running containers:
-        they belong to builds or runs still under way, perhaps another process's.
+        they belong to builds or runs still under way, perhaps another process's; and it spares every
+        container of a run whose lease is alive (a live run's claim is a container that never runs).
         """
         removed = 0
-        for c in self.api.containers(all=True, filters={"label": label}):
-            if not running and c.get("State") == "running":
+        listed = self.api.containers(all=True, filters={"label": label})
+        owned = [] if running else self.api.containers(all=True, filters={"label": OWNER})
+        alive = live_owners(owned, time.time())
+        for c in listed:
+            if not running and (c.get("State") == "running" or (c.get("Labels") or {}).get(OWNER) in alive):
                 continue
             try:
                 self.api.remove_container(c["Id"], force=True)
