@@ -229,39 +229,82 @@ MODEL_NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
     "torch": (("torchvision", "certify builds the model's torchvision architecture ('arch')"),),
     "tfhub": (
         ("tensorflow-hub", "tensorflow_hub.load is the hub's loading API"),
-        ("tf-keras", "tensorflow-hub 0.16 imports tf_keras when tf.keras is Keras 3 (TensorFlow 2.16 on)"),
+        ("tf-keras", "tensorflow_hub imports tf_keras when tf.keras is Keras 3 (TensorFlow 2.16 on)"),
         ("setuptools", "tensorflow_hub imports pkg_resources, which a Python 3.12+ venv lacks"),
     ),
 }
 MODEL_FRAMEWORK = {"torch": "torch", "tfhub": "tensorflow"}
+KERAS_3 = (2, 16)  # TensorFlow's tf.keras is Keras 3 from here on, and tf.estimator is gone
+HUB_WITH_TF_KERAS = (0, 16)  # tensorflow-hub requires tf-keras (which requires `tensorflow`) from here on
+
+
+def _numbers(version: str | None) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"[0-9]+", version or "")[:3])
+
+
+def _pins(cell: Cell) -> dict[str, str]:
+    """The cell's requirements as normalized name -> pinned version."""
+    out = {}
+    for req in cell.requirements:
+        name, _, version = req.partition("==")
+        out[re.sub(r"\[.*\]", "", name).lower().replace("_", "-")] = version
+    return out
+
+
+def _tfhub_problem(cell: Cell, pins: dict[str, str], cpu_package: str | None) -> str | None:
+    """What makes tfhub models impossible in this cell, whatever is pinned: tensorflow-hub 0.16 on requires tf-keras,
+    which requires the `tensorflow` package itself, so on a tensorflow-cpu cell pip adds a second, CUDA-built
+    TensorFlow of its own choosing over it (tf-keras 2.18.0 took tensorflow 2.18.1); tensorflow-hub 0.15, the last
+    without tf-keras, imports tf.estimator, which TensorFlow 2.16 removed."""
+    hub = _numbers(pins.get("tensorflow-hub"))
+    keras3 = _numbers(cell.version) >= KERAS_3
+    cpu = cpu_package is not None and cpu_package in pins
+    if cpu and keras3:
+        return (f"tensorflow_hub needs tf-keras under Keras 3, and tf-keras requires the `tensorflow` package: on a "
+                f"{cpu_package} cell pip would install a second, CUDA-built TensorFlow over it; list the model in a "
+                f"group of {cell.framework} {cell.version}'s CUDA cells (they run on a CPU too)")
+    if cpu and hub and hub >= HUB_WITH_TF_KERAS:
+        return (f"tensorflow-hub {pins['tensorflow-hub']} requires tf-keras, which requires the `tensorflow` package: "
+                f"on a {cpu_package} cell pip would install a second TensorFlow over it; pin tensorflow-hub 0.15.0, "
+                "the last without tf-keras")
+    if keras3 and hub and hub < HUB_WITH_TF_KERAS:
+        return (f"tensorflow-hub {pins['tensorflow-hub']} imports tf.estimator, which {cell.framework} {cell.version} "
+                "no longer has; pin tensorflow-hub 0.16.1 or later (with tf-keras)")
+    return None
 
 
 def _model_needs(cell: Cell, hub: str) -> list[tuple[str, str]]:
     """The packages `hub`'s models need in `cell`, with why: tf-keras only under Keras 3, setuptools from 3.12."""
     out = []
     for name, why in MODEL_NEEDS[hub]:
-        if name == "tf-keras" and tuple(int(p) for p in cell.version.split(".")[:2]) < (2, 16):
+        if name == "tf-keras" and _numbers(cell.version) < KERAS_3:
             continue
-        if name == "setuptools" and tuple(int(p) for p in cell.python.split(".")) < (3, 12):
+        if name == "setuptools" and _numbers(cell.python) < (3, 12):
             continue
         out.append((name, why))
     return out
 
 
 def model_problems(matrix: Matrix, gi: int, cell: Cell) -> list[str]:
-    """Why `cell` cannot load the models its group lists: a model of another framework, or a loading package
-    missing from its requirements (named with the version to pin and where)."""
+    """Why `cell` cannot load the models its group lists: a model of another framework, a loading package missing
+    from its requirements (named, with where to pin it), or a hub that cannot work in this kind of cell."""
     problems = []
-    pinned = {re.split(r"[\[=]", r, maxsplit=1)[0].lower().replace("_", "-") for r in cell.requirements}
+    pins = _pins(cell)
     vpath = ("frameworks", cell.framework, "versions", cell.version)
+    spec = next((fw for name, fw in matrix.spec.frameworks.items() if name == cell.framework), None)
+    cpu_package = spec.cpu_package if spec is not None and cell.cuda is None else None
     for i, model in enumerate(cell.models):
         where = f"{matrix.where(('images', gi, 'models', i))}: {dotted(('images', gi, 'models', i))}"
         if MODEL_FRAMEWORK[model.hub] != cell.framework:
             problems.append(f"{where}: a {model.hub} model needs {MODEL_FRAMEWORK[model.hub]}, and this group "
                             f"builds {cell.framework}: list it in a {MODEL_FRAMEWORK[model.hub]} group")
             continue
+        impossible = _tfhub_problem(cell, pins, cpu_package) if model.hub == "tfhub" else None
+        if impossible:
+            problems.append(f"{where}: {model.name} cannot load in {cell.tag}: {impossible}")
+            continue
         for name, why in _model_needs(cell, model.hub):
-            if name not in pinned:
+            if name not in pins:
                 problems.append(f"{where}: {model.name} needs {name} in {cell.framework} {cell.version}'s image "
                                 f"({why}): pin it in the companions of {matrix.where(vpath)}")
     return problems

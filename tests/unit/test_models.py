@@ -395,3 +395,40 @@ def test_the_certificate_lists_each_model_with_its_check(write_matrix):
     assert model_summary(cell, [passed]) == [{"name": "resnet18", "hub": "torch", "url": CANONICAL, "sha256": SHA,
                                               "status": "pass", "load_seconds": 0.25}]
     assert model_summary(cell, [])[0]["status"] == "not run"  # a payload that died first proves nothing
+
+
+TF_MODEL = ('      - {name: mobilenet, hub: tfhub, input: [1, 224, 224, 3], '
+            f'url: "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/classification/5", sha256: "{SHA}"}}\n')
+
+
+def tf_text(companions: str, cpu: bool, version: str = "2.18.0") -> str:
+    """SMALL with a TF `version` (builds 12.5 and cpu) pinning `companions`, and the model on its cpu or CUDA cell."""
+    text = with_models(TF_MODEL, group=2)
+    text = text.replace('"2.18.0":\n        python:', f'"{version}":\n        python:', 1)
+    text = text.replace('{version: "2.18.0", cuda: "12.5", python: "3.11"}',
+                        f'{{version: "{version}", cuda: {"cpu" if cpu else chr(34) + "12.5" + chr(34)}, '
+                        'python: "3.11"}', 1)
+    return text.replace('          "12.5": {cudnn: "9.3.0.75"}\n',
+                        '          "12.5": {cudnn: "9.3.0.75"}\n          cpu: {}\n'
+                        f'        companions: {{{companions}}}\n', 1)
+
+
+@pytest.mark.parametrize(("companions", "cpu", "version", "expected"), [
+    # tf-keras requires the `tensorflow` package: pip put tensorflow 2.18.1 over tensorflow-cpu 2.18.0 (measured).
+    ('tensorflow-hub: "0.16.1", tf-keras: "2.18.0"', True, "2.18.0", "a second, CUDA-built TensorFlow over it"),
+    ('tensorflow-hub: "0.16.1"', True, "2.15.0", "pin tensorflow-hub 0.15.0, the last without tf-keras"),
+    ('tensorflow-hub: "0.15.0", tf-keras: "2.18.0"', False, "2.18.0", "imports tf.estimator"),
+])
+def test_tfhub_models_that_cannot_load_are_refused_with_why(write_matrix, companions, cpu, version, expected):
+    found = problems(write_matrix, tf_text(companions, cpu, version))
+    assert len(found) == 1 and found[0].startswith("m.yaml:66: images[2].models[0]: mobilenet cannot load in ")
+    assert expected in found[0]
+
+
+@pytest.mark.parametrize(("companions", "cpu", "version"), [
+    ('tensorflow-hub: "0.16.1", tf-keras: "2.18.0"', False, "2.18.0"),  # a CUDA cell: `tensorflow` is the framework
+    ('tensorflow-hub: "0.15.0"', True, "2.15.0"),  # Keras 2, and a hub without tf-keras
+])
+def test_tfhub_models_that_can_load_are_accepted(write_matrix, companions, cpu, version):
+    cells, _ = expand(load_matrix(write_matrix(tf_text(companions, cpu, version))))
+    assert [m.name for c in cells for m in c.models] == ["mobilenet"]
