@@ -267,3 +267,56 @@ def test_a_disk_that_fills_during_a_build_is_one_line_and_leaves_nothing(small, 
     assert site.leftovers() == ([], [])  # no step container, no builder stage, no claim or lease
     assert site.engine.image(base_image()) is not None  # what was there before is untouched
     TIMES["disk full"] = time.monotonic() - started
+
+
+# ------------------------------------------------------------------ the claim itself, on the main engine
+CLAIMER = """
+import json, logging, sys, time
+from builder.engine import Claim, Engine
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+engine = Engine.connect()
+start, key, image, hold = float(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+time.sleep(max(0.0, start - time.time()))
+got = engine.claim("build", key, "faults/claim:test", image)
+print(json.dumps({"claimed": isinstance(got, Claim), "who": getattr(got, "who", None), "owner": engine._owner}),
+      flush=True)
+if isinstance(got, Claim):  # the loser does not wait here: it only had to be told
+    time.sleep(hold)
+    engine.release(got)
+engine.end_lease()
+"""
+
+
+def test_a_claim_is_atomic_between_two_processes_and_taken_over_from_one_killed(engine):
+    """Two processes ask for the same claim in the same instant through the main engine's socket: exactly one
+    gets it. The holder is then SIGKILLed while holding it: the next asker clears its claim and lease and takes
+    over. No image is built: the claim is a created container, cheap enough for the main engine."""
+    cells, _ = expand(load_matrix(ROOT / "matrix.yaml"), Selection(framework=("tensorflow==2.18.0",), cuda=("cpu",),
+                                                                   python=("3.11",)))
+    image, _ = ensure_base(engine, cells[0].base)
+    key = os.urandom(32).hex()  # a content no real build has
+    at = time.time() + 3  # both interpreters are up and connected by then
+
+    def claimer(hold: float) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-c", CLAIMER, str(at), key, image, str(hold)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    racers = [claimer(60), claimer(60)]
+    answers = [json.loads(p.stdout.readline()) for p in racers]
+    assert sorted(a["claimed"] for a in answers) == [False, True], answers
+    holder = racers[[a["claimed"] for a in answers].index(True)]
+    loser = answers[[a["claimed"] for a in answers].index(False)]
+    assert loser["who"].endswith(f"pid {holder.pid}")  # the loser is told who holds it
+    holder.kill()  # SIGKILL: no release, no end of lease; the engine ends its lease when its stdin closes
+    holder.wait()
+    racers[1 - racers.index(holder)].communicate(timeout=60)
+    at = time.time()
+    after = claimer(0)
+    out, err = after.communicate(timeout=120)
+    taken = json.loads(out.splitlines()[0])
+    assert taken["claimed"] is True, err
+    assert f"clearing the claim of a run that stopped (host {os.uname().nodename}, pid {holder.pid})" in err
+    ours = {a["owner"] for a in [*answers, taken]}
+    left = [c["Names"][0] for c in engine.api.containers(all=True, filters={"label": OWNER})
+            if c["Labels"].get(OWNER) in ours]
+    assert left == [], left  # nothing of the three processes is left on the engine
