@@ -296,6 +296,8 @@ def _translated(method: F) -> F:
             return method(self, *args, **kwargs)
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
             what = method.__name__.replace("_", " ")
+            if isinstance(exc, requests.exceptions.RequestException) and not self.answers():
+                raise EngineGone(gone(self.address, f"`{what}`")) from None
             detail = getattr(exc, "explanation", None) or str(exc)
             raise EngineError(f"the engine at {self.address} failed ({what}): {detail}") from None
 
@@ -581,9 +583,11 @@ class Engine:
                     result = self.api.wait(cid, timeout=int(max(1, min(5, deadline - time.monotonic()))))
                     exit_code = int(result.get("StatusCode", -1))
                     break
-                except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                except requests.exceptions.RequestException as exc:
                     if not self.answers():  # not a wait that timed out: the engine is gone, and the run with it
                         raise EngineGone(gone(self.address, f"a run of {image_id[:19]}")) from None
+                    if not isinstance(exc, (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError)):
+                        raise
                     if time.monotonic() >= deadline:
                         self.api.kill(cid)
                         break
