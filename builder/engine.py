@@ -329,6 +329,7 @@ class Engine:
         self._owner: str | None = None  # this process's owner id on this engine, while its lease runs
         self._lease_id: str | None = None
         self._lease_socket: Any = None  # held open: the lease lives exactly as long as this process
+        self._leaseless = False  # the transport cannot hold a lease's stdin: no claims, no owner labels
 
     @classmethod
     def connect(cls, timeout: int = 600) -> Engine:
@@ -801,6 +802,15 @@ class Engine:
                                             name=f"{LEASE_PREFIX}{owner}", host_config=host_config)["Id"]
             try:
                 sock = self.api.attach_socket(cid, params={"stdin": 1, "stream": 1})
+            except (AttributeError, NotImplementedError, OSError, docker.errors.DockerException) as exc:
+                # Without a lease nobody could tell this run alive: it claims nothing and labels nothing (so no
+                # other run takes its work for a dead run's), and is not protected from a concurrent one.
+                self.api.remove_container(cid, force=True)
+                log.warning("no lease on %s (%s): runs on this engine are not kept from building the same cell "
+                            "at once", self.address, exc)
+                self._leaseless = True
+                return ""
+            try:
                 self.api.start(cid)
             except BaseException:
                 self.api.remove_container(cid, force=True)
@@ -814,8 +824,10 @@ class Engine:
 
         A claim left by a run that died is cleared (with what its build made) and taken over.
         """
-        owner = self._lease(image_id)
         name = claim_name(kind, key)
+        owner = "" if self._leaseless else self._lease(image_id)
+        if not owner:
+            return Claim(name=name, id="", owner="", tag=tag)
         labels = {MANAGED: "true", OWNER: owner, CLAIM: kind, TAG: tag,
                   OWNER_HOST: platform.node(), OWNER_PID: str(os.getpid())}
         for _ in range(5):
@@ -840,6 +852,8 @@ class Engine:
 
     def note_made(self, claim: Claim, containers: Iterable[str], images: Iterable[str]) -> None:
         """Keep in the claim what its build has made so far, for the sweep should this run die."""
+        if not claim.id:
+            return
         body = json.dumps({"containers": sorted(containers), "images": sorted(images)}).encode()
         try:
             self.api.put_archive(claim.id, "/", _tar({MADE_FILE: body}))
@@ -880,6 +894,8 @@ class Engine:
 
     def release(self, claim: Claim) -> None:
         """Give the claim back (by id: a claim another run took over after ours was cleared is not ours)."""
+        if not claim.id:
+            return
         try:
             self.api.remove_container(claim.id, force=True)
         except docker.errors.NotFound:
