@@ -432,3 +432,35 @@ def test_tfhub_models_that_cannot_load_are_refused_with_why(write_matrix, compan
 def test_tfhub_models_that_can_load_are_accepted(write_matrix, companions, cpu, version):
     cells, _ = expand(load_matrix(write_matrix(tf_text(companions, cpu, version))))
     assert [m.name for c in cells for m in c.models] == ["mobilenet"]
+
+
+# ------------------------------------------------------------------------------------------------ build
+def test_two_cells_sharing_a_model_fetch_it_once_and_get_the_same_layer(write_matrix, serve, tmp_path):
+    """The build's own path (build_cells, two jobs at once) with the engine faked: the second cell fetches nothing,
+    and both contexts carry byte-identical model layers, named by the same sha256 in their Dockerfiles."""
+    from builder.build import BuildOptions, build_cells
+    from builder.sources import Sources
+    from builder.state import State
+
+    from .fakes import FakeEngine
+
+    text = with_models(TORCH_OK, group=0).replace('    axes:\n      python: ["3.9", "3.11", "3.12"]\n',
+                                                  '    axes:\n      version: ["2.4.1"]\n      cuda: ["12.1"]\n'
+                                                  '      python: ["3.9", "3.11"]\n', 1)
+    cells, _ = expand(load_matrix(write_matrix(text)), Selection(python=("3.9", "3.11"), flavor="runtime",
+                                                                  framework="torch"))
+    assert len(cells) == 2 and all(c.models == (torch_model(),) for c in cells)
+    hub = serve({f"/models/{NAME}": WEIGHTS})
+    engine = FakeEngine()
+    for cell in cells:
+        engine.add_image(cell.base.image)
+    options = BuildOptions(state_dir=tmp_path / "state", sources=Sources(proxy=False, cache_dir=tmp_path / "c"),
+                           keep_cache=True, jobs=2, model_mirror=hub.base)
+    results = build_cells(engine, cells, options)
+    assert [r.status for r in results] == ["built", "built"]
+    fetched = sorted(State(tmp_path / "state").read_record(c.tag)["model_bytes"] for c in cells)
+    assert fetched == [0, len(WEIGHTS)] and hub.served == len(WEIGHTS)
+    path = models.context_path(torch_model())
+    layers = [b["files"][path] for b in engine.builds]
+    assert layers[0] == layers[1] and all(f"ADD {path} /" in b["files"]["Dockerfile"].decode() for b in engine.builds)
+    print(f"\nshared model, two cells built at once: fetched {fetched[1]:,} and {fetched[0]:,} bytes")
