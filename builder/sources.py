@@ -227,7 +227,14 @@ def _untoken(token: str) -> str:
     return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
 
 
-class _Server6(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-reply (pip stopped by a full disk, a build killed) is no error of ours:
+        logged at debug, never a traceback on the terminal (socketserver prints one by default)."""
+        log.debug("proxy: a request from %s ended early", client_address, exc_info=True)
+
+
+class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
@@ -281,7 +288,7 @@ class PackageProxy:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("proxy: " + format, *args)
 
-        self._server = (_Server6 if ":" in self.host else ThreadingHTTPServer)((self.host, 0), Handler)
+        self._server = (_Server6 if ":" in self.host else _Server)((self.host, 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self

@@ -272,3 +272,20 @@ def test_a_certify_run_that_waited_takes_the_other_runs_certificate(tmp_path):
     cert = State(tmp_path / "state").read_certificate(CPU_CELL.tag)
     assert State(tmp_path / "state").index()[CPU_CELL.tag].digest == cert["digest"]
     assert a.claims == {}
+
+
+def test_a_client_gone_mid_reply_is_no_traceback_from_the_package_proxy(capsys):
+    """pip stopped by a full disk leaves the proxy writing to a closed socket: socketserver printed a traceback."""
+    from http.server import BaseHTTPRequestHandler
+
+    from builder.sources import _Server
+
+    server = _Server(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    try:
+        try:
+            raise BrokenPipeError(32, "Broken pipe")
+        except BrokenPipeError:
+            server.handle_error(None, ("127.0.0.1", 1))
+    finally:
+        server.server_close()
+    assert "Traceback" not in capsys.readouterr().err
