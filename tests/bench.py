@@ -519,7 +519,8 @@ def main(select: list[str]) -> int:
               f"`{one[0]['tag']}`. Ratio = builder / naive (lower is better).\n\nThe machine's load average "
               f"(1 min) was {load_at_start[0]:.1f} at the start and {os.getloadavg()[0]:.1f} at the end of this "
               f"{(time.monotonic() - started) / 60:.0f}-minute run: other work shares these cores, which is why "
-              "every figure is a ratio measured in the same run.")
+              "every figure is a ratio measured in the same run. What the misses come from and what would close "
+              "them: [bench-notes.md](bench-notes.md).")
     out = os.environ.get("BENCH_OUT", "bench")  # e.g. BENCH_OUT=bench-torch beside the default cell's table
     (DOCS / f"{out}.md").write_text(markdown(rows, header))
     (DOCS / f"{out}.json").write_text(json.dumps({"select": select, "full": full, "cell": one[0]["tag"], "rows": [
