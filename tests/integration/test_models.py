@@ -140,7 +140,7 @@ def test_a_model_from_a_mirror_is_baked_certified_and_loads_offline(work: Work, 
         other = [i for i in range(len(base) - 1) if built[i] != base[i]]
         sizes = [json.loads(line) for line in docker("image", "history", "--no-trunc", "--format", "{{json .}}",
                                                      MODEL_TAG).stdout.splitlines()]
-        add = next(h for h in sizes if "ADD models/" in h["CreatedBy"])
+        add = next(h for h in sizes if "ADD file:" in h["CreatedBy"])  # the newest ADD: the model's (history: newest first)
         add_step = next(s for s in record["steps"] if s[1].startswith("ADD models/"))
         print(f"\nmodel layer: {add['Size']} ({len(data):,} bytes of weights), diff id {built[-2][:19]}; "
               f"its build step {add_step[2]} s; model cell build {seconds:.0f} s (torch cell {torch_built['seconds']} s); "
