@@ -283,3 +283,31 @@ def test_a_tfhub_module_is_baked_certified_and_loads_offline(work: Work, tmp_pat
         assert run.stdout.split()[-3:] == [image_path(model), "(1,", "3)"], run.stdout
     finally:
         docker("rmi", "-f", TF_MODEL_TAG, TF_PLAIN_TAG)
+
+
+def test_a_model_is_the_same_layer_on_any_base(engine, tmp_path: Path) -> None:
+    """The layer builder makes for a model unpacks to the same diff id whatever it lands on (two Debian releases
+    here, as two cells on different bases): a registry stores it once, and a pull of the second image skips it."""
+    import threading
+
+    from builder.labels import MANAGED, TAG
+    from builder.models import context_path, layer
+
+    blob = tmp_path / "weights"
+    blob.write_bytes(bytes(range(256)) * 4096)
+    sha256 = hashlib.sha256(blob.read_bytes()).hexdigest()
+    model = Model(name="m", hub="torch", url=f"{CANONICAL}/m-{sha256[:8]}.pth", sha256=sha256, input=(1,), arch="x")
+    path = context_path(model)
+    diff_ids, tags = [], []
+    try:
+        for base in ("debian:bookworm-slim", "debian:bullseye-slim"):
+            tag = f"{MODELS_REPOSITORY}/layer-probe:{base.split(':')[1]}"
+            tags.append(tag)
+            files = {"Dockerfile": f"FROM {base}\nADD {path} /\n".encode(), path: layer(model, blob)}
+            image = engine.build(files, tag=tag, labels={MANAGED: "true", TAG: tag}, on_line=lambda _: None,
+                                 stop=threading.Event(), nocache=True)
+            diff_ids.append(layers(image)[-1])
+        assert diff_ids[0] == diff_ids[1], diff_ids
+        print(f"\nthe same model on bookworm and bullseye: one layer, {diff_ids[0][:19]}")
+    finally:
+        docker("rmi", "-f", *tags)
