@@ -839,8 +839,9 @@ class Engine:
                 if exc.status_code != 409:
                     raise
             found = self.api.containers(all=True, filters={"name": f"^/{name}$"})
-            if not found:
-                continue  # released between the two calls: try again
+            if not found:  # released between the two calls, or its creation has the name but is not listed yet
+                time.sleep(0.2)
+                continue
             holder = found[0]
             holder_owner = (holder.get("Labels") or {}).get(OWNER, "")
             leases = self.api.containers(all=True, filters={"label": f"{OWNER}={holder_owner}"}) if holder_owner else []
@@ -848,7 +849,7 @@ class Engine:
                 return Holder(name=name, id=holder["Id"], who=owner_of(holder.get("Labels") or {}))
             log.info("%s: clearing the claim of a run that stopped (%s)", tag, owner_of(holder.get("Labels") or {}))
             self._clear(leases or [holder])  # everything of that dead run: its lease, claims, containers
-        raise EngineError(f"the engine at {self.address}: could not claim {name} after 5 tries: rerun")
+        return Holder(name=name, id="", who="another run, still creating its claim")  # the caller waits, asks again
 
     def note_made(self, claim: Claim, containers: Iterable[str], images: Iterable[str]) -> None:
         """Keep in the claim what its build has made so far, for the sweep should this run die."""

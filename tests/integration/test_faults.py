@@ -303,7 +303,12 @@ def test_a_claim_is_atomic_between_two_processes_and_taken_over_from_one_killed(
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     racers = [claimer(60), claimer(60)]
-    answers = [json.loads(p.stdout.readline()) for p in racers]
+    lines = [p.stdout.readline() for p in racers]
+    if not all(lines):
+        for p in racers:
+            p.kill()
+        pytest.fail("a claimer printed nothing: " + " | ".join(p.communicate()[1][-1500:] for p in racers))
+    answers = [json.loads(line) for line in lines]
     assert sorted(a["claimed"] for a in answers) == [False, True], answers
     holder = racers[[a["claimed"] for a in answers].index(True)]
     loser = answers[[a["claimed"] for a in answers].index(False)]
