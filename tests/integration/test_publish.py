@@ -2,8 +2,8 @@
 
 The registry image is built here from the bootstrapped Debian base and the Debian package, and each
 registry's life is managed by testcontainers, published on 127.0.0.1 only. One round trip with a real
-certified TensorFlow CPU cell, then the faults, each of which must give one clear line, no traceback,
-no digest recorded and nothing left behind.
+certified TensorFlow CPU cell, ending with the pulled image mirrored to a second registry, and the faults,
+each of which must give one clear line, no traceback, no digest recorded and nothing left behind.
 """
 
 from __future__ import annotations
