@@ -51,7 +51,7 @@ _KINDS: tuple[tuple[str, bool, str], ...] = (
     (r"connection refused|no such host|name or service not known|no route to host|network is unreachable|"
      r"cannot assign requested",
      False, "nothing answers at {registry} ({detail}): start the registry, or fix the host:port in --registry"),
-    (r"\bssl|\btls\b|certificate verify failed|wrong version number|server gave http response to https client",
+    (r"\bssl|\btls\b|x509|certificate verify failed|wrong version number|server gave http response to https client",
      False, "{registry} failed the TLS handshake ({detail}): the engine treats it as a secure registry, so "
      "builder speaks verified HTTPS to it too; a plain-HTTP or self-signed registry must be in the engine's "
      "insecure-registries (daemon.json)"),
@@ -75,7 +75,8 @@ def classify(message: str, registry: str, what: str = "the request") -> Registry
     known = re.search(r"connection refused|name or service not known|no route to host|connection reset by peer|"
                       r"remote end closed connection without response|read timed out|connect timeout|"
                       r"method not allowed|requested access to the resource is denied|authentication required|"
-                      r"wrong version number|certificate verify failed|server gave http response to https client",
+                      r"wrong version number|certificate verify failed|server gave http response to https client|"
+                      r"x509: [a-z ]+",
                       full, re.I)
     detail = known[0].lower() if known else full[:200]  # urllib3's wrapping adds nothing a person needs
     low = full.lower()

@@ -647,3 +647,15 @@ def test_a_pulled_image_its_source_does_not_confirm_is_refused(tmp_path: Path, w
     assert line.startswith(f"{CELL_TAG}: not pushed: it was pulled, so no local parent shows what was tested")
     assert words in line and "\n" not in line
     assert engine.pushes == [] and state.read_publish(CELL_TAG) is None
+
+
+@pytest.mark.parametrize(("engine_says", "detail"), [
+    ('Get "https://10.213.7.1:5000/v2/": http: server gave HTTP response to HTTPS client',
+     "server gave http response to https client"),
+    ('Get "https://10.213.7.1:5000/v2/": x509: certificate signed by unknown authority',
+     "x509: certificate signed by unknown authority"),
+])
+def test_the_engines_own_tls_failures_name_insecure_registries(engine_says: str, detail: str) -> None:
+    err = classify(engine_says, "10.213.7.1:5000", "the push of x")
+    assert str(err).startswith(f"10.213.7.1:5000 failed the TLS handshake ({detail}): ")
+    assert "insecure-registries" in str(err) and not err.retryable
