@@ -420,7 +420,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
     engine = Engine.connect()
     containers = engine.remove_containers(MANAGED, running=False)
     images = sum(engine.remove_images_with_label(TAG, c.tag) for c in cells)
-    engine.prune_dangling(MANAGED)
+    if engine.prune_dangling(MANAGED) is None:
+        log.warning("kept untagged images on %s: another run is building there (its step images are untagged "
+                    "between steps); run clean again when it is done", engine.address)
     print(f"removed {images} image(s) of {len(cells)} cell(s) and {containers} leftover container(s)")
     return 0
 

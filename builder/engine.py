@@ -209,7 +209,7 @@ class ContainerEngine(Protocol):
 
     def tag(self, image_id: str, ref: str) -> None: ...
 
-    def prune_dangling(self, label: str) -> int: ...
+    def prune_dangling(self, label: str) -> int | None: ...
 
     def build(self, files: dict[str, bytes], *, tag: str, labels: dict[str, str], on_line: Callable[[str], None],
               stop: threading.Event, nocache: bool = False, build_args: dict[str, str] | None = None) -> str: ...
@@ -427,8 +427,15 @@ class Engine:
         repo, tag = parse_repository_tag(ref)
         self.api.tag(image_id, repo, tag, force=True)
 
-    def prune_dangling(self, label: str) -> int:
-        """Remove untagged images carrying `label`; returns the bytes freed."""
+    def prune_dangling(self, label: str) -> int | None:
+        """Remove untagged images carrying `label`; returns the bytes freed, or None when another run is live.
+
+        A classic build's latest step image is dangling until the next step: pruning under a running build
+        breaks it ("unknown parent image ID"). So nothing is pruned while another run's lease is alive.
+        """
+        leases = self.api.containers(all=True, filters={"label": OWNER})
+        if live_owners(leases, time.time()) - {self._owner}:
+            return None
         try:
             pruned = self.api.prune_images(filters={"dangling": True, "label": label})  # type: ignore[no-untyped-call]
         except docker.errors.APIError as exc:

@@ -32,3 +32,21 @@ def test_files_are_read_through_symlinks_in_one_container(engine, torch_built):
         assert read("/etc") is None  # a directory is not a file
         assert b"torch==2.4.1" in read("/opt/venv/requirements.lock")
     assert managed_containers(engine) == []
+
+
+def test_untagged_images_are_not_pruned_while_another_run_is_live(engine):
+    """A classic build's latest step image is untagged until the next step: `clean` pruning it broke a build
+    running beside it ("unknown parent image ID"). While another run's lease is alive, nothing is pruned."""
+    from builder.engine import MANAGED, Claim, Engine
+
+    base = engine.image("debian:bookworm-slim")  # made by `builder base` before the tests (.ci/run)
+    assert base is not None
+    other = Engine.connect()  # another run: its own lease
+    got = other.claim("build", "0" * 64, "builder-test/none:prune", base.id)
+    assert isinstance(got, Claim) and got.id
+    try:
+        assert engine.prune_dangling(MANAGED) is None
+    finally:
+        other.release(got)
+        other.end_lease()
+    assert engine.prune_dangling(MANAGED) is not None  # no live run: the prune runs

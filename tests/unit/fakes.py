@@ -107,7 +107,7 @@ class FakeEngine:
         with self.lock:
             self._point(ref, image_id)
 
-    def prune_dangling(self, label: str) -> int:
+    def prune_dangling(self, label: str) -> int | None:
         return 0
 
     def build(self, files: dict[str, bytes], *, tag: str, labels: dict[str, str], on_line: Callable[[str], None],
