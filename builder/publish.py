@@ -110,7 +110,7 @@ def pulled_from(image: ImageInfo, cert: dict[str, Any],
     still names a manifest whose config is this very image, with this certificate beside it.
     """
     if not image.repo_digests:
-        return None, "it has no registry digest either (it was not pulled)"
+        return None, "it came from no registry either (the engine has no repo digest for it)"
     problems = []
     for ref in image.repo_digests:
         host, path, digest_ = split_reference(ref)
@@ -130,7 +130,7 @@ def pulled_from(image: ImageInfo, cert: dict[str, Any],
             problems.append(f"{ref} has {'no' if found is None else 'another'} certificate beside it")
         else:
             return ref, ""
-    return None, "its source cannot confirm it: " + "; ".join(problems)
+    return None, "the registry it was pulled from cannot confirm it: " + "; ".join(problems)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,7 +166,7 @@ def check_certified(engine: Engine, state: State, cell: Cell, require: str, allo
     elif image.parent == "" and registries is not None and verify_certificate(cert, image.labels, cell.tag) is None:
         source, why = pulled_from(image, cert, registries)
         if source is None:
-            problem = (f"it was pulled, so no local parent shows what was tested, and {why}: make its source "
+            problem = (f"no local parent shows what was tested, and {why}: for a pulled image make its source "
                        "registry reachable (and `docker login` to it), or run `python -m builder certify` here")
     elif image.parent != cert["image"]["id"]:
         problem = (f"the image is not stamped on the tested image {cert['image']['id'][:19]} the certificate names: "

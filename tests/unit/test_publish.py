@@ -628,7 +628,7 @@ def test_a_pulled_image_confirmed_by_its_source_is_mirrored_with_its_provenance(
     ("no certificate at the source", "has no certificate beside it"),
     ("another image at the source", "is now another image"),
     ("source down", "nothing answers at src.example:5000"),
-    ("never pulled", "it has no registry digest either"),
+    ("never pulled", "it came from no registry either"),
 ])
 def test_a_pulled_image_its_source_does_not_confirm_is_refused(tmp_path: Path, why: str, words: str) -> None:
     from builder.errors import NotCertified
@@ -644,7 +644,8 @@ def test_a_pulled_image_its_source_does_not_confirm_is_refused(tmp_path: Path, w
     with pytest.raises(NotCertified) as err:
         mirror_push(engine, source, state)
     line = str(err.value)
-    assert line.startswith(f"{CELL_TAG}: not pushed: it was pulled, so no local parent shows what was tested")
+    assert line.startswith(f"{CELL_TAG}: not pushed: no local parent shows what was tested, and ")
+    assert ("cannot confirm it" in line) is (why != "never pulled")
     assert words in line and "\n" not in line
     assert engine.pushes == [] and state.read_publish(CELL_TAG) is None
 
