@@ -143,6 +143,15 @@ class Progress:
             log.info("%s", msg)
 
 
+def _proxy_key(cell: Cell, context: BuildContext) -> str:
+    """What the proxy's port is derived from: what the builder stage installs, and where, not the whole cell.
+
+    A cell that differs only after the builder stage (its models, its repository) then gets the same port, the
+    same pip.conf and the cached builder stage.
+    """
+    return "|".join([cell.base.name, cell.python, cell.index or "", context.files["requirements.txt"].decode()])
+
+
 def _apt_mirrors(engine: ContainerEngine, base_id: str, cell: Cell) -> frozenset[str]:
     """The mirrors the base's apt reads (its sources files, and the mirror it was bootstrapped from)."""
     texts = [(engine.read_file(base_id, path) or b"").decode("utf-8", "replace") for path in APT_SOURCES]
@@ -232,7 +241,7 @@ def _build_claimed(
     labels = build_labels(content_hash=context.content_hash, tag=cell.tag, created=created, revision=revision(),
                           version=__version__)
     with (log_path.open("w", encoding="utf-8") as logfile,
-          serve(options.sources, cell.index, host=listen, apt=apt) as (src, proxy)):
+          serve(options.sources, cell.index, host=listen, apt=apt, key=_proxy_key(cell, context)) as (src, proxy)):
 
         def on_line(line: str) -> None:
             logfile.write(line + "\n")

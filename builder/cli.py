@@ -325,7 +325,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                                cache_dir=args.cache_dir, proxy=not args.no_proxy)
     engine = Engine.connect()
     options = BuildOptions(state_dir=Path(args.state), sources=sources, jobs=args.jobs, force=args.force,
-                           fail_fast=args.fail_fast, no_layer_cache=args.no_cache,
+                           fail_fast=args.fail_fast, no_layer_cache=args.no_cache, keep_cache=args.keep_stages,
                            model_mirror=mirror_from(args.model_mirror))
     log.info("building %d cell(s) with %d job(s) on %s", len(cells), args.jobs, engine.address)
     results = build_cells(engine, cells, options)
@@ -583,6 +583,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date image exists")
     p.add_argument("--fail-fast", action="store_true", help="start no new build after a failure")
     p.add_argument("--no-cache", action="store_true", help="reuse no engine layer (a cold build; with --force)")
+    p.add_argument("--keep-stages", action="store_true", help="keep the builder-stage images (as large as the "
+                   "image): a rebuild that changes only later layers (models, labels) then skips pip; "
+                   "`clean` removes them")
     p.add_argument("--model-mirror", default=None, metavar="URL", help="fetch the matrix's models from this mirror, "
                    "under their canonical URLs' paths (default: $BUILDER_MODEL_MIRROR, else the canonical URLs)")
     p.set_defaults(func=cmd_build)

@@ -227,6 +227,19 @@ def _untoken(token: str) -> str:
     return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
 
 
+PORTS = (20000, 50000)  # preferred proxy ports: above the well-known and registered ranges people configure
+PORT_TRIES = 8
+
+
+def preferred_ports(key: str) -> list[int]:
+    """The ports a cell's proxy tries first, the same for the same key on every run; none for no key."""
+    if not key:
+        return []
+    low, high = PORTS
+    first = low + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % (high - low)
+    return [low + (first - low + i) % (high - low) for i in range(PORT_TRIES)]
+
+
 class _Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away mid-reply (pip stopped by a full disk, a build killed) is no error of ours:
@@ -247,9 +260,10 @@ class PackageProxy:
 
     def __init__(
         self, upstreams: list[str], cache_dir: Path, context: ssl.SSLContext, links: list[Path] | None = None,
-        *, host: str = LOOPBACK, apt: frozenset[str] = frozenset(),
+        *, host: str = LOOPBACK, apt: frozenset[str] = frozenset(), key: str = "",
     ) -> None:
         self.upstreams = upstreams
+        self.key = key  # what the port is derived from (the cell's content hash); "" for any free port
         self.links = links or []
         self.host = host
         self.apt = apt  # the mirrors (host[:port]) apt may reach through this proxy; empty: no apt route
@@ -288,10 +302,25 @@ class PackageProxy:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("proxy: " + format, *args)
 
-        self._server = (_Server6 if ":" in self.host else _Server)((self.host, 0), Handler)
+        self._server = self._bind(Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
+
+    def _bind(self, handler: type[BaseHTTPRequestHandler]) -> _Server:
+        """Listen on the port derived from `key` when it is free, else a neighbour, else any.
+
+        The proxy's URL is written into the builder stage's pip.conf, so a port that changes from run to run
+        makes the classic builder's cache miss at `COPY sources/` and pip install everything again whenever
+        anything after it changes (a model, a label). Derived from the cell, it stays the same between runs.
+        """
+        server = _Server6 if ":" in self.host else _Server
+        for port in preferred_ports(self.key):
+            try:
+                return server((self.host, port), handler)
+            except OSError:  # in use (a parallel build, another program): the next one
+                continue
+        return server((self.host, 0), handler)
 
     def __exit__(self, *exc: object) -> None:
         if self._server is not None:
@@ -435,15 +464,16 @@ class PackageProxy:
 
 @contextmanager
 def serve(sources: Sources, primary_index: str | None, *, host: str = LOOPBACK,
-          apt: frozenset[str] = frozenset()) -> Iterator[tuple[dict[str, bytes], PackageProxy | None]]:
+          apt: frozenset[str] = frozenset(), key: str = "") -> Iterator[tuple[dict[str, bytes], PackageProxy | None]]:
     """The sources/ files for one cell's build, with its proxy running on `host` while the build runs.
 
     `apt`: the mirrors the proxy may forward apt to (see PackageProxy.build_args); empty for none.
+    `key`: the cell's content hash, from which the proxy's port (and so the sources/ files) is derived.
     """
     if not sources.proxy:
         yield sources.context_files(primary_index, None), None
         return
     upstreams = sources.indexes_for(primary_index)
     with PackageProxy(upstreams, sources.cache_dir, sources.ssl_context(), sources.local_links(), host=host,
-                      apt=apt) as proxy:
+                      apt=apt, key=key) as proxy:
         yield sources.context_files(primary_index, proxy.url), proxy

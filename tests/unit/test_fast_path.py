@@ -35,7 +35,7 @@ READ = [
 # Command lines it must leave to argparse (which either rejects them or takes the full path).
 LEFT = [
     [], ["certify"], ["build", "extra"], ["build", "build"], ["--version"], ["-h"], ["build", "--help"],
-    ["build", "--force"], ["build", "--no-cache"], ["build", "--force", "--only", "x"],
+    ["build", "--force"], ["build", "--no-cache"], ["build", "--keep-stages"], ["build", "--force", "--only", "x"],
     ["build", "--frame", "torch"],  # argparse's abbreviation
     ["build", "--only"], ["build", "--only", "-x"], ["build", "--only", "--force"],
     ["build", "-j", "0"], ["build", "-j", "65"], ["build", "-j", "x"], ["build", "-j=2"], ["build", "-j"],
@@ -68,7 +68,7 @@ def test_no_option_of_build_is_forgotten() -> None:
     commands = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = {s for action in commands.choices["build"]._actions for s in action.option_strings
                if s.startswith("--")}
-    known = {"--help", "--force", "--no-cache", "--state", "--jobs", *uptodate.SELECTORS_OPTIONS,
+    known = {"--help", "--force", "--no-cache", "--keep-stages", "--state", "--jobs", *uptodate.SELECTORS_OPTIONS,
              *uptodate._SOURCES, *uptodate._FLAGS}
     assert options == known
 

@@ -51,3 +51,27 @@ def test_a_page_of_many_links_is_rewritten_whole_and_fast(upstream: str, tmp_pat
     assert "../../packages/" not in body and 'href="https://' not in body
     assert f"/pkg-1.{LINKS - 1}-py3-none-any.whl#sha256={LINKS - 1:064x}\"" in body
     assert took < 10, f"{LINKS} links took {took:.1f} s"  # one pass: well under a second here; per link: minutes
+
+
+def test_the_proxy_port_and_so_pip_conf_are_the_same_on_every_run(tmp_path: Path) -> None:
+    """The proxy's URL is in the builder stage's pip.conf: a new port on every run made `COPY sources/` miss the
+    layer cache, so a cell that changed only after the builder stage (a model, its repository) ran pip again."""
+    from builder.sources import Sources, preferred_ports, serve
+
+    assert preferred_ports("") == []
+    ports = preferred_ports("debian12|3.11||torch==2.4.1\n")
+    assert ports == preferred_ports("debian12|3.11||torch==2.4.1\n") and len(set(ports)) == len(ports)
+    assert all(20000 <= p < 50000 for p in ports) and ports != preferred_ports("debian12|3.12||torch==2.4.1\n")
+
+    sources = Sources.from_env(ca_bundle=None, index_url="https://pypi.invalid/simple")
+    confs = []
+    for _ in range(2):  # two runs, one after the other
+        with serve(sources, None, key="cell") as (files, proxy):
+            assert proxy is not None and proxy.url.endswith(f":{preferred_ports('cell')[0]}")
+            confs.append(files["sources/pip.conf"])
+    assert confs[0] == confs[1]
+
+    with serve(sources, None, key="cell") as (_, first), serve(sources, None, key="cell") as (_, second):
+        # the same cell twice at once: the second takes the next port, never fails
+        assert first is not None and second is not None
+        assert second.url.endswith(f":{preferred_ports('cell')[1]}")
