@@ -129,6 +129,10 @@ def test_a_model_from_a_mirror_is_baked_certified_and_loads_offline(work: Work, 
             assert hub.served == len(data) and hub.refused == 0
         record = work.record(MODEL_TAG)
         assert record["model_bytes"] == len(data)
+        # The builder stage is the torch cell's (kept by --keep-stages, and the proxy's port, so pip.conf, is the
+        # same on every run): pip did not run again for a change after that stage.
+        pip_step = work.store.log_path(MODEL_TAG).read_text().split("RUN python3 -m venv", 1)[1].splitlines()[1:4]
+        assert any("Using cache" in line for line in pip_step), pip_step
 
         # The model adds one layer, after the torch image's own: its CUDA libraries and environment (5 GB) are the
         # same layers (its last, cell.json, now claims the model and follows the model's layer). The OS layers are
@@ -250,7 +254,8 @@ def make_module(tmp: Path, image: str) -> bytes:
 
 def test_a_tfhub_module_is_baked_certified_and_loads_offline(work: Work, tmp_path: Path, engine) -> None:
     try:
-        work.cli("build", *TF, matrix=tf_matrix(work, TF_PLAIN_REPOSITORY, None), check=True)
+        # --keep-stages: the model cell below then reuses this build's builder stage (pip runs once)
+        work.cli("build", *TF, "--keep-stages", matrix=tf_matrix(work, TF_PLAIN_REPOSITORY, None), check=True)
         data = make_module(tmp_path, TF_PLAIN_TAG)
         sha256 = hashlib.sha256(data).hexdigest()
         matrix = tf_matrix(work, MODELS_REPOSITORY, sha256)
