@@ -8,7 +8,6 @@ another repository and the model added: every layer before the model's is the to
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -16,13 +15,13 @@ import subprocess
 import tarfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from builder.matrix.model import Model
 from builder.models import image_path
+from tests.hub import Hub
 from tests.integration.conftest import REPOSITORY, TORCH, TORCH_TAG, Work
 
 pytestmark = pytest.mark.engine
@@ -31,51 +30,6 @@ MODELS_REPOSITORY = f"{REPOSITORY}-models"
 MODEL_TAG = TORCH_TAG.replace(f"{REPOSITORY}/", f"{MODELS_REPOSITORY}/", 1)
 CANONICAL = "https://download.pytorch.org/models"  # unreachable here: only the mirror serves it
 USER, PASSWORD = "modeluser", "canary-model-secret-7f3a"
-
-
-class Hub:
-    """A mirror on loopback: serves `files` (URL path -> bytes) to requests with the right Basic credentials."""
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.files = files
-        self.served = 0
-        self.refused = 0
-        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.headers.get("Authorization") != f"Basic {token}":
-                    hub.refused += 1
-                    self.send_error(401)
-                    return
-                data = hub.files.get(self.path.split("?", 1)[0])
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                hub.served += len(data)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def mirror(self) -> str:
-        return f"http://{USER}:{PASSWORD}@127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> Hub:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def docker(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -121,7 +75,7 @@ def test_a_model_from_a_mirror_is_baked_certified_and_loads_offline(work: Work, 
     model = Model(name="squeezenet", hub="torch", url=url, sha256=sha256, input=(2, 3, 64, 64),
                   arch="squeezenet1_1")
     try:
-        with Hub({f"/models/{name}": data}) as hub:
+        with Hub(credentials=(USER, PASSWORD), files={f"/models/{name}": data}) as hub:
             started = time.monotonic()
             proc = work.cli("build", *TORCH, matrix=matrix, env={"BUILDER_MODEL_MIRROR": hub.mirror})
             seconds = time.monotonic() - started
@@ -183,7 +137,7 @@ def test_a_model_from_a_mirror_is_baked_certified_and_loads_offline(work: Work, 
         bad = bytearray(data)
         bad[len(bad) // 2] ^= 0x01
         bad_sha = hashlib.sha256(bad).hexdigest()
-        with Hub({f"/models/{name}": bytes(bad)}) as hub:
+        with Hub(credentials=(USER, PASSWORD), files={f"/models/{name}": bytes(bad)}) as hub:
             refused = work.cli("build", *TORCH, "--force", "--model-mirror", hub.mirror, matrix=matrix)
         assert refused.returncode != 0
         assert sha256 in refused.stderr and bad_sha in refused.stderr, refused.stderr[-2000:]
@@ -260,7 +214,7 @@ def test_a_tfhub_module_is_baked_certified_and_loads_offline(work: Work, tmp_pat
         sha256 = hashlib.sha256(data).hexdigest()
         matrix = tf_matrix(work, MODELS_REPOSITORY, sha256)
         model = Model(name="tiny", hub="tfhub", url=TF_HANDLE, sha256=sha256, input=(2, 4))
-        with Hub({"/builder-test/tiny-classifier/1": data}) as hub:
+        with Hub(credentials=(USER, PASSWORD), files={"/builder-test/tiny-classifier/1": data}) as hub:
             started = time.monotonic()
             proc = work.cli("build", *TF, matrix=matrix, env={"BUILDER_MODEL_MIRROR": hub.mirror})
             seconds = time.monotonic() - started
@@ -293,7 +247,6 @@ def test_a_tfhub_module_is_baked_certified_and_loads_offline(work: Work, tmp_pat
 def test_a_model_is_the_same_layer_on_any_base(engine, tmp_path: Path) -> None:
     """The layer builder makes for a model unpacks to the same diff id whatever it lands on (two Debian releases
     here, as two cells on different bases): a registry stores it once, and a pull of the second image skips it."""
-    import threading
 
     from builder.labels import MANAGED, TAG
     from builder.models import context_path, layer

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import logging
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from builder.matrix.model import Model
 from builder.models import ModelError, context_files, fetch, layer, mirror_from, source_url
 from builder.render import dockerfile, render
 from builder.smoke import payload
+from tests.hub import Hub
 
 from .conftest import SMALL
 
@@ -34,53 +32,12 @@ def torch_model(url: str = CANONICAL, sha256: str = SHA) -> Model:
     return Model(name="resnet18", hub="torch", url=url, sha256=sha256, input=(1, 3, 224, 224), arch="resnet18")
 
 
-class Server:
-    """A hub or mirror on loopback: URL path -> bytes. `auth` demands Basic credentials; `short` sends half the body
-    under the full Content-Length (a connection that breaks off)."""
-
-    def __init__(self, files: dict[str, bytes], auth: bool = False, short: bool = False) -> None:
-        self.files, self.served, self.requests = files, 0, []
-        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.requests.append(self.path)
-                if auth and self.headers.get("Authorization") != f"Basic {token}":
-                    self.send_error(401)
-                    return
-                data = server.files.get(self.path)
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                body = data[: len(data) // 2] if short else data
-                self.wfile.write(body)
-                server.served += len(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def serve():
-    made: list[Server] = []
+    made: list[Hub] = []
 
-    def start(files: dict[str, bytes], **kw: bool) -> Server:
-        made.append(Server(files, **kw))
+    def start(files: dict[str, bytes], auth: bool = False, short: bool = False) -> Hub:
+        made.append(Hub(files, credentials=(USER, PASSWORD) if auth else None, short=short))
         return made[-1]
 
     yield start

@@ -333,7 +333,7 @@ def dest() -> Any:
     return target(cell, "127.0.0.1:5000/team")  # type: ignore[arg-type]
 
 
-def fake_push(engine: PushEngine, registry: FakeRegistry, state: State) -> Any:
+def fake_push(engine: PushEngine, registry: FakeRegistry, state: State, registries: Any = None) -> Any:
     # registry.tags follows each push, as a real registry would
     real_push = engine.push
 
@@ -344,7 +344,7 @@ def fake_push(engine: PushEngine, registry: FakeRegistry, state: State) -> Any:
 
     engine.push = push  # type: ignore[method-assign]
     return push_one(engine, registry, state, dest(), require="cpu-verified",  # type: ignore[arg-type]
-                    allow_uncertified=False)
+                    allow_uncertified=False, registries=registries)
 
 
 def test_push_records_the_digest_beside_the_certificate(tmp_path: Path) -> None:
@@ -601,16 +601,7 @@ def mirror_push(engine: PushEngine, source: FakeRegistry | Exception, state: Sta
         return source
 
     registry = FakeRegistry()
-    real_push = engine.push
-
-    def push(ref: str) -> str:
-        got = real_push(ref)
-        registry.tags[ref.rsplit(":", 1)[1]] = got
-        return got
-
-    engine.push = push  # type: ignore[method-assign]
-    return push_one(engine, registry, state, dest(), require="cpu-verified",  # type: ignore[arg-type]
-                    allow_uncertified=False, registries=registries), registry
+    return fake_push(engine, registry, state, registries), registry
 
 
 def test_a_pulled_image_confirmed_by_its_source_is_mirrored_with_its_provenance(tmp_path: Path) -> None:
