@@ -428,15 +428,18 @@ class Flaky(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture()
-def flaky() -> Any:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def serving(server: http.server.ThreadingHTTPServer) -> Any:
+    """Run `server` for a fixture's life, with Flaky's count started afresh."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     Flaky.seen = 0
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture()
+def flaky() -> Any:
+    yield from serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky))
 
 
 def test_a_503_from_the_registry_is_retried_then_succeeds(flaky: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -562,12 +565,7 @@ def self_signed(tmp_path: Path) -> Any:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(crt, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    Flaky.seen = 0
-    yield server
-    server.shutdown()
-    server.server_close()
+    yield from serving(server)
 
 
 def test_an_insecure_registry_with_a_self_signed_certificate_keeps_https(self_signed: Any) -> None:
