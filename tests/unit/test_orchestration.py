@@ -7,6 +7,7 @@ import _thread
 import dataclasses
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -256,6 +257,15 @@ def test_not_built(tmp_path):
     assert res.level == "not built" and "python -m builder build" in res.summary and cert is None
 
 
+@pytest.fixture
+def ctrl_c():
+    """Python's Ctrl-C handler, whatever the runner left: a shell's background job starts with SIGINT ignored,
+    and then interrupt_main() does nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_once_started(engine: FakeEngine):
     def hook(_what, stop):
         _thread.interrupt_main()  # Ctrl-C, as the terminal would send it
@@ -265,7 +275,7 @@ def interrupt_once_started(engine: FakeEngine):
     return hook
 
 
-def test_interrupted_certify_leaves_no_container_and_no_certificate(tmp_path):
+def test_interrupted_certify_leaves_no_container_and_no_certificate(tmp_path, ctrl_c):
     engine = FakeEngine(payload=lambda image, cmd, gpus: Payload(result=result(cpu_checks())))
     engine.on_run = interrupt_once_started(engine)
     built(engine)
@@ -307,7 +317,7 @@ def test_fail_fast_starts_nothing_after_a_failure(tmp_path):
     assert [r.status for r in results] == ["failed", "built"]
 
 
-def test_interrupted_build_keeps_finished_work_and_leaves_no_container(tmp_path):
+def test_interrupted_build_keeps_finished_work_and_leaves_no_container(tmp_path, ctrl_c):
     engine = FakeEngine()
     engine.add_image(CUDA_CELL.base.image)
     [done] = build_cells(engine, [CPU_CELL], build_opts(tmp_path))
