@@ -111,9 +111,7 @@ def work(tmp_path_factory, engine) -> Work:
 
 @pytest.fixture(scope="session")
 def torch_built(work) -> dict:
-    """The real torch 2.4.1 / CUDA 12.1 / Python 3.11 cell, built now (--force: an existing image is no proof).
-
-    --keep-stages: test_models builds the same cell with a model, which reuses this build's builder stage."""
-    proc = work.cli("build", *TORCH, "--force", "--keep-stages", check=True)
+    """The real torch 2.4.1 / CUDA 12.1 / Python 3.11 cell, built now (--force: an existing image is no proof)."""
+    proc = work.cli("build", *TORCH, "--force", check=True)
     assert "built" in proc.stdout, proc.stdout
     return work.record(TORCH_TAG)

@@ -83,10 +83,6 @@ def test_a_model_from_a_mirror_is_baked_certified_and_loads_offline(work: Work, 
             assert hub.served == len(data) and hub.refused == 0
         record = work.record(MODEL_TAG)
         assert record["model_bytes"] == len(data)
-        # The builder stage is the torch cell's (kept by --keep-stages, and the proxy's port, so pip.conf, is the
-        # same on every run): pip did not run again for a change after that stage.
-        pip_step = work.store.log_path(MODEL_TAG).read_text().split("RUN python3 -m venv", 1)[1].splitlines()[1:4]
-        assert any("Using cache" in line for line in pip_step), pip_step
 
         # The model adds one layer, after the torch image's own: its CUDA libraries and environment (5 GB) are the
         # same layers (its last, cell.json, now claims the model and follows the model's layer). The OS layers are
@@ -222,6 +218,10 @@ def test_a_tfhub_module_is_baked_certified_and_loads_offline(work: Work, tmp_pat
             assert hub.served == len(data)
         record = work.record(TF_MODEL_TAG)
         assert record["model_bytes"] == len(data)
+        # The builder stage is the plain cell's (kept by --keep-stages; the proxy's port, so pip.conf, is the same
+        # on every run): pip did not run again for a change after that stage.
+        pip_step = work.store.log_path(TF_MODEL_TAG).read_text().split("RUN python3 -m venv", 1)[1].splitlines()[1:4]
+        assert any("Using cache" in line for line in pip_step), pip_step
         base, built = layers(TF_PLAIN_TAG), layers(TF_MODEL_TAG)
         assert len(built) == len(base) + 1 and built[len(base) - 3:len(base) - 1] == base[-3:-1]
         add_step = next(s for s in record["steps"] if s[1].startswith("ADD models/"))
