@@ -433,8 +433,7 @@ class Engine:
         A classic build's latest step image is dangling until the next step: pruning under a running build
         breaks it ("unknown parent image ID"). So nothing is pruned while another run's lease is alive.
         """
-        leases = self.api.containers(all=True, filters={"label": OWNER})
-        if live_owners(leases, time.time()) - {self._owner}:
+        if self._live_owners() - {self._owner}:
             return None
         try:
             pruned = self.api.prune_images(filters={"dangling": True, "label": label})  # type: ignore[no-untyped-call]
@@ -705,8 +704,7 @@ class Engine:
         """
         removed = 0
         listed = self.api.containers(all=True, filters={"label": label})
-        owned = [] if running else self.api.containers(all=True, filters={"label": OWNER})
-        alive = live_owners(owned, time.time())
+        alive = set() if running else self._live_owners()
         for c in listed:
             if not running and (c.get("State") == "running" or (c.get("Labels") or {}).get(OWNER) in alive):
                 continue
@@ -786,6 +784,10 @@ class Engine:
             return True
         except (requests.exceptions.RequestException, docker.errors.DockerException):
             return False
+
+    def _live_owners(self) -> set[str]:
+        """The owners of the runs whose lease on this engine is alive (this process's included, if it has one)."""
+        return live_owners(self.api.containers(all=True, filters={"label": OWNER}), time.time())
 
     def _owned(self) -> dict[str, str]:
         """The labels of a container this process makes: its owner, where it holds a lease, for the sweep."""
