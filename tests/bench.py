@@ -6,8 +6,10 @@ built by the classic builder through the SDK with its own layer cache. Absolute 
 are noise, so every figure is a ratio against that baseline measured in the same run.
 
     python -m tests.bench [SELECTORS]          # default: no cold builds (builds what a no-op needs, once)
-    BENCH_FULL=1 python -m tests.bench ...     # adds the cold and warm builds of the selected cell
+    BENCH_FULL=1 python -m tests.bench ...     # adds the cold and warm builds of the selected cell, then its
+                                               # Python-only sibling through the package cache they filled
     BENCH_OUT=bench-torch python -m tests.bench --framework torch==2.4.1 ...   # docs/bench-torch.{md,json}
+    BENCH_ONLY=sibling python -m tests.bench ...   # only the Python-only sibling (two builds), printed, no docs/
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ DEFAULT_SELECT = ["--framework", "tensorflow==2.18.0", "--cuda", "cpu", "--pytho
 SMALL_PACKAGE = "six"
 SMALL_VERSIONS = ("1.8.0", "1.9.0", "1.10.0", "1.11.0", "1.12.0", "1.13.0", "1.14.0", "1.15.0", "1.16.0",
                   "1.17.0")
+# Where a BENCH_FULL run keeps the cell's cold-build record and its Python-only sibling's, in the bench's state.
+SIBLING_PAIR = "bench-sibling.json"
 # A wheel built for one CPython (cp39, cp311, ...): the only thing a Python-only sibling should fetch again.
 CP_TAG = re.compile(r"-cp(\d+)-")
 # The nvidia/cuda runtime bases the naive recipe would start FROM, as published: no registry is reachable here,
@@ -69,6 +73,7 @@ class Row:
     runs: str  # "median of 3" or "1 run"
     how: str  # "measured" or "computed", and from what
     note: str = ""
+    verdict: bool | None = None  # met or not where the target is no number (e.g. a list that must be empty)
 
     @property
     def ratio(self) -> float | None:
@@ -78,6 +83,8 @@ class Row:
 
     @property
     def met(self) -> bool | None:
+        if self.verdict is not None:
+            return self.verdict
         value = self.ratio if self.baseline is not None else self.figure
         if value is None or self.limit is None:
             return None
@@ -207,18 +214,127 @@ def decomposition(steps: list[list[Any]]) -> str:
     for _, instruction, seconds in steps:
         text = str(instruction)
         part = ("OS Python (apt)" if text.startswith("RUN apt-get") else
-                "install step (fetch, pip, commit)" if text.startswith("RUN") and " -m venv " in text else
+                "install step (fetch, pip, commit)" if is_install_step(text) else
                 "COPY --from=builder (copy, commit)" if text.startswith("COPY --from=builder") else "other steps")
         parts[part] += float(seconds)
     total = sum(parts.values()) or 1.0
     return ", ".join(f"{name} {s:.0f} s ({s / total:.0%})" for name, s in parts.items())
 
 
-def twice_fetched(first: dict[str, int], second: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
-    """What the second cell fetched upstream, split into cp-tagged wheels (expected) and anything else (not)."""
-    cp = {name: size for name, size in second.items() if CP_TAG.search(name)}
-    other = {name: size for name, size in second.items() if name not in cp and name.endswith(".whl")}
-    return cp, other
+def is_install_step(instruction: str) -> bool:
+    """The builder stage's install RUN, whichever installer it names: it makes the venv (`python -m venv`, `uv
+    venv`) and installs into it (`pip install`, `uv pip install`). A record keeps only an instruction's first 80
+    characters, so any one of these marks it."""
+    return instruction.startswith("RUN") and any(
+        word in instruction for word in (" -m venv ", "uv venv ", "pip install", "uv pip "))
+
+
+def project_of(name: str) -> str:
+    """The project a fetched file belongs to: a wheel's or sdist's distribution name (normalized, PEP 503), a
+    .deb's package name; the file name itself for anything else. A wheel's PEP 658 `.metadata` counts as the
+    wheel's."""
+    name = name.removesuffix(".metadata")
+    if name.endswith(".whl"):
+        return re.sub(r"[-_.]+", "-", name.split("-", 1)[0]).lower()
+    if name.endswith((".tar.gz", ".zip", ".tar.bz2")):
+        return re.sub(r"[-_.]+", "-", name.rsplit("-", 1)[0]).lower()
+    if name.endswith(".deb"):
+        return name.split("_", 1)[0]
+    return name
+
+
+@dataclass(frozen=True, kw_only=True)
+class Refetched:
+    """What a second cell fetched upstream through a package cache the first had filled, by file name -> bytes,
+    sorted by the projects the first fetched."""
+    cp: dict[str, int]  # a cp-tagged wheel of a project the first fetched for another CPython: expected
+    same: dict[str, int]  # a file the first fetched already: the cache missed
+    versions: dict[str, int]  # another file of a project the first fetched (another version, not cp-tagged)
+    debs: dict[str, int]  # another .deb of a package the first's apt fetched: the sibling's base is another release
+    new: dict[str, int]  # of projects the first never fetched (a backport for this Python, that Python's .debs)
+
+    @property
+    def met(self) -> bool:
+        """The target: of the index's files, nothing but cp-tagged wheels again. The .debs are the OS's, whose
+        release comes with the Python a Python-only sibling asks for; they are listed, not counted."""
+        return not self.same and not self.versions
+
+
+def twice_fetched(first: dict[str, int], second: dict[str, int]) -> Refetched:
+    """Split what the second cell fetched upstream (its record's `fetched_files`) by what the first fetched. The
+    same file name twice means the cache missed, whatever its tag; a cp-tagged file of a project the first had
+    as another file is the one thing a Python-only sibling must fetch again."""
+    projects = {project_of(name) for name in first}
+    parts: dict[str, dict[str, int]] = {"cp": {}, "same": {}, "versions": {}, "debs": {}, "new": {}}
+    for name, size in second.items():
+        part = ("same" if name in first else "new" if project_of(name) not in projects else
+                "cp" if CP_TAG.search(name) else "debs" if name.endswith(".deb") else "versions")
+        parts[part][name] = size
+    return Refetched(**parts)
+
+
+# The diff id of a layer that changes nothing (an empty tar): a RUN that wrote no file makes one, of 0 bytes.
+EMPTY_LAYER = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
+# Metadata-only instructions: the classic builder writes them as `#(nop)  ENV ...`, BuildKit as `ENV ...`; they
+# add a history entry but no layer.
+METADATA = re.compile(r"^(/bin/sh -c )?(#\(nop\)\s*)?(ENV|LABEL|CMD|USER|WORKDIR|EXPOSE|ENTRYPOINT|ARG|SHELL|"
+                      r"VOLUME|STOPSIGNAL|HEALTHCHECK|ONBUILD|MAINTAINER)\b")
+
+
+def layer_sizes(history: list[dict[str, Any]], diff_ids: list[str]) -> list[tuple[str, int]]:
+    """An image's layers as (diff id, bytes), from `docker history` (newest first: each entry's size, but no
+    flag for the entries that made no layer) and the image's RootFS diff ids (oldest first). The entries with
+    bytes pair in order with the diff ids that are not the empty layer; where a layer of no bytes but not empty
+    breaks that count, every entry that is not metadata-only (an imported base has no CreatedBy) pairs with a
+    diff id. Raises ValueError when neither pairs up."""
+    oldest_first = list(reversed(history))
+    sized = [int(h.get("Size") or 0) for h in oldest_first if int(h.get("Size") or 0) > 0]
+    if len(sized) == sum(d != EMPTY_LAYER for d in diff_ids):
+        sizes = iter(sized)
+        return [(d, 0 if d == EMPTY_LAYER else next(sizes)) for d in diff_ids]
+    made = [int(h.get("Size") or 0) for h in oldest_first
+            if int(h.get("Size") or 0) > 0 or not METADATA.match(str(h.get("CreatedBy") or "").strip())]
+    if len(made) != len(diff_ids):
+        raise ValueError(f"{len(sized)} history entries with bytes for {len(diff_ids)} diff ids")
+    return list(zip(diff_ids, made, strict=True))
+
+
+def unique_layer_bytes(*images: list[tuple[str, int]]) -> tuple[int, int]:
+    """(bytes of the distinct layers, sum of the images' sizes): what a registry or an engine stores for these
+    images, a layer shared by diff id once, against what they weigh one by one."""
+    unique: dict[str, int] = {}
+    for layers in images:
+        unique.update(layers)
+    return sum(unique.values()), sum(size for layers in images for _, size in layers)
+
+
+# What a Python-only sibling shares with its cell: all of these claims, and a different Python.
+SIBLING_SAME = ("framework", "version", "cuda", "cudnn", "flavor", "cuda_source", "index")
+
+
+def pick_sibling(cell: dict[str, Any], candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Of the matrix's cells (`matrix --format json` rows), the one that differs from `cell` only in Python (and
+    so in the base or Python source that Python comes from): the same OS family first, then the nearest Python."""
+    mine = cell["claims"]
+
+    def minor(version: str) -> int:
+        return int(version.split(".")[1])
+
+    found = [c for c in candidates if c["claims"]["python"] != mine["python"]
+             and all(c["claims"].get(k) == mine.get(k) for k in SIBLING_SAME)]
+    return min(found, default=None, key=lambda c: (
+        c["claims"]["base"]["family"] != mine["base"]["family"],
+        abs(minor(c["claims"]["python"]) - minor(mine["python"])), c["claims"]["python"]))
+
+
+def with_sibling(text: str, cell: dict[str, Any], python: str) -> str:
+    """The bench matrix asking for `cell` again on `python`, in a group of its own over every base of the matrix
+    (expand picks the first that fits): for a cell the matrix has on one Python only."""
+    doc = yaml.safe_load(text)
+    claims = cell["claims"]
+    entry = {"version": claims["version"], "cuda": cell["cuda"], "python": python, "flavor": claims["flavor"]}
+    doc["images"].append({"framework": claims["framework"], "bases": list(doc["bases"]), "include": [entry]})
+    return yaml.safe_dump(doc, sort_keys=False)
 
 
 def synthetic_matrix(text: str, copies: int) -> str:
@@ -305,6 +421,62 @@ class Bench:
             return self.client.images.get(ref)
         except docker.errors.ImageNotFound:
             return None
+
+    def sibling(self, cell: dict[str, Any]) -> dict[str, Any] | None:
+        """The cell's Python-only sibling in the bench matrix; where the matrix has none (the TensorFlow CPU cell
+        is asked for on 3.11 alone), the bench matrix asks for one on another Python its framework version
+        supports, the nearest that expands."""
+        found = pick_sibling(cell, self.cells([]))
+        if found is not None:
+            return found
+        text, claims = self.matrix.read_text(), cell["claims"]
+        spec = yaml.safe_load(text)["frameworks"][claims["framework"]]["versions"][claims["version"]]
+        options: dict[str, tuple[dict[str, Any], Path]] = {}
+        for python in spec.get("python") or []:
+            if python == claims["python"]:
+                continue
+            path = self.work / f"matrix-sibling-{python}.yaml"
+            path.write_text(with_sibling(text, cell, python))
+            try:
+                rows = self.cells(["--python", python], path)
+            except subprocess.CalledProcessError:  # no base serves this Python for this cell
+                continue
+            for row in rows:
+                options[row["tag"]] = (row, path)
+        found = pick_sibling(cell, [row for row, _ in options.values()])
+        if found is not None:
+            self.matrix.write_text(options[found["tag"]][1].read_text())
+        return found
+
+    def sibling_pair(self, cell: dict[str, Any], first: dict[str, Any], cache: Path) -> dict[str, Any] | None:
+        """Build the cell's Python-only sibling through the package cache the cell's builds filled (no layer
+        cache, as the cell's cold build had none) and keep both records, for this row and later default runs."""
+        from builder.state import State
+
+        sibling = self.sibling(cell)
+        if sibling is None:
+            return None
+        self.cli("base", sibling["claims"]["base"]["name"])
+        wall = self.cli("build", "--only", sibling["tag"], "--force", "--no-cache", cache=cache)
+        second = {**(State(self.state).read_record(sibling["tag"]) or {}), "wall_s": round(wall, 1)}
+        pair = {"first": first, "second": second}
+        (self.state / SIBLING_PAIR).write_text(json.dumps(pair, indent=1) + "\n")
+        return pair
+
+    def saved_pair(self, cell: dict[str, Any]) -> dict[str, Any] | None:
+        """The pair an earlier BENCH_FULL run measured for this cell, if any."""
+        path = self.state / SIBLING_PAIR
+        if not path.exists():
+            return None
+        pair: dict[str, Any] = json.loads(path.read_text())
+        return pair if (pair.get("first") or {}).get("tag") == cell["tag"] else None
+
+    def layers(self, ref: str) -> list[tuple[str, int]] | None:
+        """An image's (diff id, bytes) layers; None when the image is gone."""
+        image = self.image(ref)
+        if image is None:
+            return None
+        return layer_sizes(self.client.api.history(image.id), list(image.attrs["RootFS"]["Layers"]))
 
     def naive_noop(self, cell: dict[str, Any]) -> float:
         """The naive recipe's no-op as a Makefile loop runs it: `docker build` (classic builder) on a cached
@@ -426,13 +598,17 @@ def main(select: list[str]) -> int:
     one = [cells[0]]
     sel1 = ["--only", one[0]["tag"]]
     record: dict[str, Any] = {}
+    if os.environ.get("BENCH_ONLY") == "sibling":
+        return sibling_only(bench, one[0])
+    pair = None
 
     if full:  # cold: empty package cache and no layer cache on either side; warm: the cache full, no layer cache
         cold = work / "cold-cache"
         from builder.state import State
 
         b_cold = bench.cli("build", *sel1, "--force", "--no-cache", cache=cold)
-        cold_steps = (State(bench.state).read_record(one[0]["tag"]) or {}).get("steps") or []
+        first = {**(State(bench.state).read_record(one[0]["tag"]) or {}), "wall_s": round(b_cold, 1)}
+        cold_steps = first.get("steps") or []
         n_cold, _ = bench.naive_build(one[0], nocache=True)
         b_warm = bench.cli("build", *sel1, "--force", "--no-cache", cache=cold)
         warm_steps = (State(bench.state).read_record(one[0]["tag"]) or {}).get("steps") or []
@@ -445,9 +621,7 @@ def main(select: list[str]) -> int:
                 note="the naive recipe has no package cache: its warm build downloads everything again; where "
                      f"builder's time went: {decomposition(warm_steps)}"),
         ]
-        if len(cells) > 1:  # e.g. a Python-only sibling selected too: its bytes come from the records
-            for cell in cells[1:]:
-                bench.cli("build", "--only", cell["tag"], cache=cold)
+        pair = bench.sibling_pair(one[0], first, cold)  # after the warm build: the cache holds the cell's files
     # What a no-op needs: the cell built on both sides (not timed).
     bench.cli("build", *sel1)
     _, naive_id = bench.naive_build(one[0])
@@ -510,7 +684,9 @@ def main(select: list[str]) -> int:
                     limit=None, runs="1 run", how="measured; baseline: that image's build time from its record",
                     note="ratio = certify time / build time" if build_s else "no build record of this image in the "
                     "bench state (it was built earlier): run with BENCH_FULL=1 for the share"))
-    rows += sibling_rows(bench)
+    pair = pair or bench.saved_pair(one[0])
+    rows += sibling_rows(pair, registry_bytes(bench, pair),
+                         "" if pair or not full else "the matrix has no cell that differs from this one only in Python")
     if full:
         rows.append(installer_row(bench, one[0], naive_tag(one[0])))
 
@@ -527,6 +703,21 @@ def main(select: list[str]) -> int:
         {**asdict(r), "ratio": r.ratio, "met": r.met} for r in rows]}, indent=2) + "\n")
     print(markdown(rows, header))
     cleanup(bench, [one[0]["tag"]])
+    return 0
+
+
+def sibling_only(bench: Bench, cell: dict[str, Any]) -> int:
+    """BENCH_ONLY=sibling: the sibling rows alone, printed (docs/ untouched): the cell's cold build into an empty
+    package cache, then its Python-only sibling through that cache."""
+    from builder.state import State
+
+    cache = bench.work / "cold-cache"
+    wall = bench.cli("build", "--only", cell["tag"], "--force", "--no-cache", cache=cache)
+    first = {**(State(bench.state).read_record(cell["tag"]) or {}), "wall_s": round(wall, 1)}
+    pair = bench.sibling_pair(cell, first, cache)
+    rows = sibling_rows(pair, registry_bytes(bench, pair), "the matrix has no cell that differs from this one "
+                        "only in Python")
+    print(markdown(rows, f"# Python-only sibling of `{cell['tag']}` (BENCH_ONLY=sibling)"))
     return 0
 
 
@@ -551,28 +742,68 @@ def nvidia_cuda_row(bench: Bench, cell: dict[str, Any], size: int, naive_size: i
                     f"({(naive_size - own) / 1e6:,.0f} MB, measured); builder's image measured")
 
 
-def sibling_rows(bench: Bench) -> list[Row]:
-    """A Python-only sibling from build records with per-file counts (a BENCH_FULL run or an earlier build)."""
-    from builder.state import State
+def _listed(files: dict[str, int]) -> str:
+    if not files:
+        return "none"
+    return (", ".join(f"{n} ({f'{s / 1e6:,.1f} MB' if s >= 100_000 else f'{s / 1e3:,.0f} kB'})"
+                      for n, s in sorted(files.items())) + f"; {sum(files.values()) / 1e6:,.0f} MB in all")
 
-    records = [r for r in State(bench.state).records() if r.get("fetched_files")]
-    by_key: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for r in records:
-        claims = r.get("cell") or {}
-        by_key.setdefault((str(claims.get("framework")), str(claims.get("version")), str(claims.get("cuda"))),
-                          []).append(r)
-    for group in by_key.values():
-        if len(group) >= 2:
-            first, second = sorted(group, key=lambda r: r.get("created", ""))[:2]
-            cp, other = twice_fetched(first["fetched_files"], second["fetched_files"])
-            listed = ", ".join(f"{n} ({s / 1e6:,.0f} MB)" for n, s in sorted(cp.items()))
-            return [Row(name="Python-only sibling, bytes fetched", figure=second["upstream_bytes"] / 1e6,
-                        baseline=first["upstream_bytes"] / 1e6, unit="MB", target="only cp-tagged wheels again",
-                        limit=None, runs="1 run", how="computed from build records (the proxy's per-file counts)",
-                        note=f"fetched again: {listed or 'nothing'}; not cp-tagged: {sorted(other) or 'none'}")]
-    return [Row(name="Python-only sibling, bytes fetched", figure=None, baseline=None, unit="MB",
-                target="only cp-tagged wheels again", limit=None, runs="-", how="not measured",
-                note="no two records of cells differing only in Python in this run's state")]
+
+def _base(record: dict[str, Any]) -> str:
+    return f"`{((record.get('cell') or {}).get('base') or {}).get('image', '?')}`"
+
+
+def sibling_rows(pair: dict[str, Any] | None, layers: tuple[int, int] | None, why: str = "") -> list[Row]:
+    """The Python-only sibling's rows from the two build records (`first`: the cell's cold build, `second`: the
+    sibling's, through the package cache the first filled) and (unique, summed) layer bytes of their images."""
+    name = "Python-only sibling"
+    if pair is None:
+        return [Row(name=f"{name}, bytes fetched", figure=None, baseline=None, unit="MB",
+                    target="only cp-tagged wheels again", limit=None, runs="-", how="not measured",
+                    note=why or "no sibling pair in the bench state: run with BENCH_FULL=1")]
+    first, second = pair["first"], pair["second"]
+    again = twice_fetched(first.get("fetched_files") or {}, second.get("fetched_files") or {})
+    files = sum(sum(part.values()) for part in (again.cp, again.same, again.versions, again.debs, again.new))
+    was = {project_of(n): n for n in first.get("fetched_files") or {}}
+    versions = {f"{n} (the first: {was[project_of(n)]})": s for n, s in again.versions.items()}
+    rows = [
+        Row(name=f"{name}, bytes fetched", figure=second["upstream_bytes"] / 1e6,
+            baseline=first["upstream_bytes"] / 1e6, unit="MB", target="only cp-tagged wheels again", limit=None,
+            runs="1 run", how="measured: the two builds' records (the proxy's per-file counts)", verdict=again.met,
+            note=f"`{second['tag']}` (built {second.get('created', '?')}) after `{first['tag']}` (a cold build), "
+                 "through the package cache the first filled. Fetched again, cp-tagged (expected): "
+                 f"{_listed(again.cp)}. The same file again (the cache missed): {_listed(again.same)}. Another "
+                 f"version of a wheel that is not cp-tagged (this Python's resolution differs): {_listed(versions)}. "
+                 f"Another release's .debs of the first's apt packages (not counted: the base comes with the "
+                 f"Python): {_listed(again.debs)}. New to the sibling (projects the first never fetched): "
+                 f"{_listed(again.new)}. The other "
+                 f"{(second['upstream_bytes'] - files) / 1e6:,.1f} MB are index pages, fetched fresh by every build"),
+        Row(name=f"{name}, build time", figure=second.get("wall_s") or second.get("seconds"),
+            baseline=first.get("wall_s") or first.get("seconds"), unit="s", target="report", limit=None,
+            runs="1 run", how="measured (`build` as a new process, no layer cache on either)",
+            note="the sibling's build against the cell's cold build; it downloads only what the list above names"),
+    ]
+    if layers is None:
+        rows.append(Row(name=f"{name}, registry-level", figure=None, baseline=None, unit="MB", target="report",
+                        limit=None, runs="-", how="not measured", note="one of the two images is gone"))
+    else:
+        unique, total = layers
+        rows.append(Row(name=f"{name}, registry-level", figure=unique / 1e6, baseline=total / 1e6, unit="MB",
+                        target="report", limit=None, runs="1 run",
+                        how="measured (`docker history` sizes by RootFS diff id)",
+                        note="the two images' distinct layers, a layer shared by diff id counted once, against the "
+                             f"sum of their sizes; {(total - unique) / 1e6:,.1f} MB shared. Bases: "
+                             f"{_base(first)} and {_base(second)} (a diff id hashes a layer's content: on another "
+                             "base and Python, the base, OS Python, user and venv layers all differ)"))
+    return rows
+
+
+def registry_bytes(bench: Bench, pair: dict[str, Any] | None) -> tuple[int, int] | None:
+    if pair is None:
+        return None
+    # By tag: the images as they stand now (a later warm build of the first replaces its cold-built image).
+    first, second = bench.layers(pair["first"]["tag"]), bench.layers(pair["second"]["tag"])
+    return None if first is None or second is None else unique_layer_bytes(first, second)
 
 
 def cleanup(bench: Bench, keep: list[str]) -> None:

@@ -47,12 +47,165 @@ def test_floor_counts_base_python_and_environment_layers_only() -> None:
     assert bench.floor_bytes(history) == 1150
 
 
-def test_only_cp_tagged_wheels_count_as_expected_refetches() -> None:
-    second = {"torch-2.4.1-cp39-cp39-manylinux1_x86_64.whl": 800, "triton-3.0.0-1-cp39-cp39-manylinux.whl": 200,
-              "nvidia_cudnn_cu12-9.1.0.70-py3-none-manylinux2014_x86_64.whl": 600}
-    cp, other = bench.twice_fetched({}, second)
-    assert set(cp) == {"torch-2.4.1-cp39-cp39-manylinux1_x86_64.whl", "triton-3.0.0-1-cp39-cp39-manylinux.whl"}
-    assert other == {"nvidia_cudnn_cu12-9.1.0.70-py3-none-manylinux2014_x86_64.whl": 600}
+# Per-file upstream bytes as a build record keeps them (`fetched_files`): a TensorFlow CPU cell on 3.11, then
+# its sibling on 3.9 through the same package cache.
+FIRST = {"tensorflow_cpu-2.18.0-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl": 230_146_743,
+         "tensorflow_cpu-2.18.0-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl.metadata": 3_412,
+         "numpy-2.0.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl": 19_505_117,
+         "keras-3.7.0-py3-none-any.whl": 1_228_420,
+         "absl_py-2.1.0-py3-none-any.whl": 133_706}
+SECOND = {"tensorflow_cpu-2.18.0-cp39-cp39-manylinux_2_17_x86_64.manylinux2014_x86_64.whl": 230_083_100,
+          "tensorflow_cpu-2.18.0-cp39-cp39-manylinux_2_17_x86_64.manylinux2014_x86_64.whl.metadata": 3_412,
+          "numpy-2.0.2-cp39-cp39-manylinux_2_17_x86_64.manylinux2014_x86_64.whl": 19_512_410,
+          "importlib_metadata-8.5.0-py3-none-any.whl": 26_284}  # a backport only 3.9 needs
+
+
+def test_a_sibling_that_fetches_only_cp_tagged_files_again_meets_the_target() -> None:
+    again = bench.twice_fetched(FIRST, SECOND)
+    assert set(again.cp) == {n for n in SECOND if "-cp39-" in n}
+    assert again.same == {} and again.versions == {} and again.debs == {}
+    assert again.new == {"importlib_metadata-8.5.0-py3-none-any.whl": 26_284}
+    assert again.met is True
+
+
+def test_a_pure_wheel_fetched_again_or_the_same_file_twice_misses_the_target() -> None:
+    second = {**SECOND,
+              "keras-3.6.0-py3-none-any.whl": 1_200_000,  # another version of a project the first fetched
+              "numpy-2.0.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl": 19_505_117}  # cache miss
+    again = bench.twice_fetched(FIRST, second)
+    assert again.versions == {"keras-3.6.0-py3-none-any.whl": 1_200_000}
+    assert again.same == {"numpy-2.0.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl": 19_505_117}
+    assert again.met is False
+    assert bench.twice_fetched(FIRST, {**SECOND, "keras-3.6.0-py3-none-any.whl": 1_200_000}).met is False
+
+
+def test_another_releases_debs_are_listed_but_not_counted() -> None:
+    # The sibling's Python comes with its base: Debian 11's apt packages where the first had Debian 12's.
+    first = {**FIRST, "openssl_3.0.17-1~deb12u2_amd64.deb": 1_434_000}
+    second = {**SECOND, "openssl_1.1.1w-0%2bdeb11u1_amd64.deb": 863_000,
+              "python3.9-minimal_3.9.2-1_amd64.deb": 2_010_000}
+    again = bench.twice_fetched(first, second)
+    assert again.debs == {"openssl_1.1.1w-0%2bdeb11u1_amd64.deb": 863_000}
+    assert "python3.9-minimal_3.9.2-1_amd64.deb" in again.new
+    assert again.met is True
+
+
+def test_projects_are_named_as_pep_503_names_them() -> None:
+    assert bench.project_of("Absl_Py-2.1.0-py3-none-any.whl") == "absl-py"
+    assert bench.project_of("absl-py-2.1.0.tar.gz") == "absl-py"
+    assert bench.project_of("tensorflow_cpu-2.18.0-cp39-cp39-manylinux2014_x86_64.whl.metadata") == "tensorflow-cpu"
+    assert bench.project_of("python3.11_3.11.2-6+deb12u6_amd64.deb") == "python3.11"
+
+
+# `docker history` of a built cell (newest first, as the SDK returns it) and its image's RootFS diff ids: the
+# final `true` entry is the builder's label commit, which made no layer.
+HISTORY = [
+    {"CreatedBy": "true", "Size": 0},
+    {"CreatedBy": "/bin/sh -c #(nop)  LABEL org.builder.hash=78a0d70e", "Size": 0},
+    {"CreatedBy": "/bin/sh -c #(nop)  CMD [\"python\"]", "Size": 0},
+    {"CreatedBy": "/bin/sh -c #(nop) WORKDIR /home/app", "Size": 0},
+    {"CreatedBy": "/bin/sh -c #(nop)  USER 10001:10001", "Size": 0},
+    {"CreatedBy": "/bin/sh -c #(nop) COPY file:d87100725c49 in /opt/builder/cell.json", "Size": 761},
+    {"CreatedBy": "/bin/sh -c #(nop)  ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:/usr/local/sbin", "Size": 0},
+    {"CreatedBy": "|0 /bin/sh -c export UV_INDEX_URL=http://packages.builder.invalid/simple", "Size": 2_354_208_490},
+    {"CreatedBy": "|0 /bin/sh -c export UV_INDEX_URL=http://packages.builder.invalid/simple", "Size": 2_842_929_167},
+    {"CreatedBy": "|0 /bin/sh -c useradd --uid 10001 --user-group --create-home --shell /bin/bash app",
+     "Size": 8_894},
+    {"CreatedBy": "|0 /bin/sh -c apt-get update  && apt-get install -y --no-install-recommends python3",
+     "Size": 54_327_340},
+    {"CreatedBy": "/bin/sh -c #(nop)  ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8", "Size": 0},
+    {"CreatedBy": "/bin/sh -c #(nop)  LABEL org.builder.managed=true", "Size": 0},
+    {"CreatedBy": "", "Size": 106_238_648},  # the imported base
+]
+DIFF_IDS = ["sha256:d21d66a4", "sha256:33796992", "sha256:af9438e9", "sha256:3e3a9569", "sha256:5c396495",
+            "sha256:0aaae344"]
+
+
+def test_layers_pair_history_sizes_with_diff_ids_oldest_first() -> None:
+    assert bench.layer_sizes(HISTORY, DIFF_IDS) == [
+        ("sha256:d21d66a4", 106_238_648), ("sha256:33796992", 54_327_340), ("sha256:af9438e9", 8_894),
+        ("sha256:3e3a9569", 2_842_929_167), ("sha256:5c396495", 2_354_208_490), ("sha256:0aaae344", 761)]
+
+
+def test_a_run_that_wrote_nothing_is_the_empty_layer_of_no_bytes() -> None:
+    history = [{"CreatedBy": "/bin/sh -c true", "Size": 0}, {"CreatedBy": "", "Size": 100}]
+    assert bench.layer_sizes(history, ["sha256:base", bench.EMPTY_LAYER]) == [("sha256:base", 100),
+                                                                              (bench.EMPTY_LAYER, 0)]
+
+
+def test_layers_that_do_not_pair_up_are_an_error() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="diff ids"):
+        bench.layer_sizes(HISTORY, DIFF_IDS[:4])
+
+
+def test_a_layer_shared_by_diff_id_counts_once() -> None:
+    first = [("sha256:base", 106), ("sha256:python311", 54), ("sha256:export", 1), ("sha256:venv311", 1200)]
+    second = [("sha256:base9", 110), ("sha256:python39", 50), ("sha256:export", 1), ("sha256:venv39", 1190)]
+    assert bench.unique_layer_bytes(first, second) == (2711, 2712)
+    assert bench.unique_layer_bytes(first, first) == (1361, 2722)
+
+
+def _record(tag: str, upstream: int, files: dict[str, int], wall: float) -> dict[str, object]:
+    return {"tag": tag, "upstream_bytes": upstream, "cached_bytes": 0, "fetched_files": files, "seconds": wall - 1,
+            "wall_s": wall, "image_id": "sha256:0"}
+
+
+def test_the_sibling_rows_carry_the_list_the_ratios_and_the_verdict() -> None:
+    pair = {"first": _record("bench/tensorflow:2.18.0-cpu-py3.11-runtime-debian12", 251_000_000, FIRST, 300.0),
+            "second": _record("bench/tensorflow:2.18.0-cpu-py3.9-runtime-debian11", 250_000_000, SECOND, 240.0)}
+    fetched, took, registry = bench.sibling_rows(pair, (2_700_000_000, 2_800_000_000))
+    assert fetched.met is True and fetched.ratio is not None and round(fetched.ratio, 3) == 0.996
+    assert "numpy-2.0.2-cp39-cp39-manylinux_2_17_x86_64.manylinux2014_x86_64.whl (19.5 MB)" in fetched.note
+    assert "The same file again (the cache missed): none." in fetched.note
+    assert "importlib_metadata-8.5.0-py3-none-any.whl (26 kB)" in fetched.note
+    assert took.figure == 240.0 and took.baseline == 300.0 and took.met is None
+    assert registry.ratio is not None and round(registry.ratio, 3) == 0.964
+    table = bench.markdown([fetched], "# Bench")
+    assert ("| Python-only sibling, bytes fetched | 250 MB | 251 MB | 1.00 | only cp-tagged wheels again | yes |"
+            in table)
+
+    pair["second"]["fetched_files"] = {**SECOND, "keras-3.7.0-py3-none-any.whl": 1_228_420}
+    fetched = bench.sibling_rows(pair, None)[0]
+    assert fetched.met is False
+    assert "The same file again (the cache missed): keras-3.7.0-py3-none-any.whl (1.2 MB)" in fetched.note
+    pair["second"]["fetched_files"] = {**SECOND, "keras-3.6.0-py3-none-any.whl": 1_200_000}
+    fetched = bench.sibling_rows(pair, None)[0]
+    assert fetched.met is False
+    assert "keras-3.6.0-py3-none-any.whl (the first: keras-3.7.0-py3-none-any.whl) (1.2 MB)" in fetched.note
+    assert bench.sibling_rows(pair, None)[2].how == "not measured"
+
+
+def test_without_a_pair_the_sibling_is_not_measured() -> None:
+    (row,) = bench.sibling_rows(None, None)
+    assert row.figure is None and row.met is None and row.how == "not measured"
+
+
+def test_a_sibling_differs_from_its_cell_in_python_only() -> None:
+    def cell(python: str, base: str, family: str, **claims: object) -> dict[str, object]:
+        return {"tag": f"bench/tensorflow:2.18.0-cpu-py{python}-runtime-{base}", "cuda": "cpu",
+                "claims": {"framework": "tensorflow", "version": "2.18.0", "cuda": None, "cudnn": None,
+                           "flavor": "runtime", "cuda_source": "none", "index": "default", "python": python,
+                           "base": {"name": base, "family": family}, **claims}}
+
+    mine = cell("3.11", "debian12", "debian")
+    candidates = [mine, cell("3.12", "ubuntu24.04", "ubuntu"), cell("3.10", "ubuntu22.04", "ubuntu"),
+                  cell("3.9", "debian11", "debian"), cell("3.10", "debian12", "debian", flavor="devel")]
+    found = bench.pick_sibling(mine, candidates)
+    assert found is not None and found["tag"] == "bench/tensorflow:2.18.0-cpu-py3.9-runtime-debian11"
+    assert bench.pick_sibling(mine, [mine, candidates[-1]]) is None
+
+
+def test_the_bench_matrix_can_ask_for_the_sibling_it_lacks(tmp_path: Path) -> None:
+    text = bench.bench_matrix((ROOT / "matrix.yaml").read_text())
+    mine = {"cuda": "cpu", "claims": {"framework": "tensorflow", "version": "2.18.0", "flavor": "runtime"}}
+    path = tmp_path / "matrix.yaml"
+    path.write_text(bench.with_sibling(text, mine, "3.9"))
+    cells, _ = expand(load_matrix(str(path)))
+    (sibling,) = [c for c in cells if c.framework == "tensorflow" and c.version == "2.18.0" and c.python == "3.9"
+                  and c.cuda is None]
+    assert sibling.base.name == "debian11" and sibling.tag.startswith("bench/")
 
 
 def test_rows_compare_the_ratio_or_the_figure_with_the_target() -> None:
@@ -107,3 +260,19 @@ def test_a_builds_time_is_split_by_what_its_steps_do() -> None:
              [19, "LABEL org.builder.hash=abc", 5.0]]
     assert bench.decomposition(steps) == ("OS Python (apt) 15 s (15%), install step (fetch, pip, commit) 45 s (45%), "
                                           "COPY --from=builder (copy, commit) 35 s (35%), other steps 5 s (5%)")
+
+
+def test_an_install_step_counts_whichever_installer_it_names() -> None:
+    # A record keeps an instruction's first 80 characters: the venv, pip or uv is what shows.
+    for text in ("RUN python3 -m venv /opt/venv  && PIP_CONFIG_FILE=/opt/builder-sources/pip.conf /opt/ve",
+                 "RUN uv venv /opt/venv && uv pip install -r /opt/builder-sources/requirements.txt",
+                 "RUN /opt/builder-uv/bin/uv pip install --python /opt/venv/bin/python --no-cache -r",
+                 "RUN pip install --no-cache-dir -r /opt/builder-sources/requirements.txt"):
+        assert bench.is_install_step(text), text
+    for text in ("RUN apt-get update && apt-get install -y python3 python3-venv",
+                 "COPY installer.txt /opt/builder-sources/installer.txt",
+                 "RUN useradd --uid 10001 --user-group --create-home --shell /bin/bash app"):
+        assert not bench.is_install_step(text), text
+    steps = [[4, "RUN apt-get update", 10.0], [8, "RUN /opt/builder-uv/bin/uv pip install --python /opt/venv", 30.0],
+             [9, "COPY --from=builder /opt/builder-venv/ /", 10.0]]
+    assert bench.decomposition(steps).startswith("OS Python (apt) 10 s (20%), install step (fetch, pip, commit) 30 s")
