@@ -230,7 +230,10 @@ def _build_claimed(
     state = State(options.state_dir)
     log_path = state.log_path(cell.tag)
     # A remote engine may have no route out: its apt reaches the base's mirrors through our proxy too.
-    apt = _apt_mirrors(engine, base_id, cell) if listen != LOOPBACK and options.sources.proxy else frozenset()
+    # A direct build sends everything through the proxy's http_proxy route, apt included: apt may pass to them.
+    direct = options.sources.proxy and context.direct is not None
+    routed = options.sources.proxy and (listen != LOOPBACK or direct)
+    apt = _apt_mirrors(engine, base_id, cell) if routed else frozenset()
     # The cell's models, each fetched once into the host cache (shared by every cell) and verified first.
     model_files, model_bytes = models.context_files(context.models.values(), options.sources.cache_dir,
                                                     options.model_mirror)
@@ -262,9 +265,9 @@ def _build_claimed(
         try:
             with watch_packages(progress, cell, proxy):
                 image_id = engine.build(
-                    {**context.files, **model_files, **src}, tag=cell.tag, labels=labels, on_line=on_line,
-                                        stop=stop, build_args=proxy.build_args() if proxy else None,
-                                        nocache=options.no_layer_cache)
+                    {**context.build_files(proxy is not None), **model_files, **src}, tag=cell.tag, labels=labels,
+                    on_line=on_line, stop=stop, build_args=proxy.build_args(direct=direct) if proxy else None,
+                    nocache=options.no_layer_cache)
         except BuildFailed as exc:
             message = str(exc)
             if NO_SPACE in "\n".join([message, *tail]).lower():

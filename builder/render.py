@@ -26,6 +26,9 @@ TEMPLATES = assets.TEMPLATES  # the source tree's templates/, or the copy an ins
 SMOKE = Path(__file__).resolve().parent / "smoke"
 UID = 10001
 SOURCES_DIR = "sources"
+# The package proxy's name inside a direct build: the same on every host (never resolved: the build reaches
+# the proxy through http_proxy), so the Dockerfile says nothing of where the proxy or the indexes are.
+PACKAGES_HOST = "packages.builder.invalid"
 # The pip nvidia-* wheels' files, moved out of site-packages (a symlink stays) into a layer of their own.
 CUDA_LIBS = "/opt/cuda-libs/nvidia"
 # Where TensorFlow's pip CUDA libraries land inside nvidia/ (TF does not add them to its own search path).
@@ -37,6 +40,7 @@ NVIDIA_LIB_DIRS = (
 # with these, `docker build` of a rendered context installs straight from the default index.
 DEFAULT_SOURCES = {
     f"{SOURCES_DIR}/pip.conf": b"[global]\n",
+    f"{SOURCES_DIR}/uv.toml": b'[pip]\nindex-strategy = "unsafe-best-match"\n',
 }
 
 
@@ -52,6 +56,15 @@ class BuildContext:
     # The model layers the context needs (path inside the context -> model): `build` fetches and adds them. Each
     # path names the model's sha256 in the Dockerfile, so the content hash covers the model without its bytes.
     models: dict[str, Model] = field(default_factory=dict)
+    # The Dockerfile of a direct build (no builder stage: installed from the build's package proxy), when the
+    # cell's installer can make one; `files` keep the builder-stage form, which a plain `docker build` can use.
+    direct: bytes | None = None
+
+    def build_files(self, proxied: bool) -> dict[str, bytes]:
+        """The files to build from: the direct Dockerfile when the package proxy serves the build."""
+        if proxied and self.direct is not None:
+            return {**self.files, "Dockerfile": self.direct}
+        return self.files
 
     @property
     def dir_name(self) -> str:
@@ -139,7 +152,9 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def dockerfile(cell: Cell) -> str:
+def dockerfile(cell: Cell, *, direct: bool = False) -> str:
+    """The cell's Dockerfile. `direct`: installed in the final stage from the build's package proxy (needs uv
+    and the proxy); else in a builder stage whose environment is copied over (a plain `docker build` too)."""
     lib_path = ""
     if cell.framework == "tensorflow" and cell.cuda_source == "wheels":
         lib_path = ":".join(f"{CUDA_LIBS}/{d}/lib" for d in NVIDIA_LIB_DIRS)
@@ -156,6 +171,8 @@ def dockerfile(cell: Cell) -> str:
         models=[{"name": m.name, "hub": m.hub, "url": m.url, "sha256": m.sha256, "context": models.context_path(m),
                  "path": models.image_path(m)} for m in cell.models],
         model_env=models.environment(cell.models),
+        direct=direct, tools="/tmp/builder-tools", uv="/tmp/builder-tools/uv/bin/uv",
+        packages=f"http://{PACKAGES_HOST}", packages_host=PACKAGES_HOST,
     )
     # Collapse the blank runs that skipped partials leave behind.
     while "\n\n\n" in text:
@@ -181,7 +198,12 @@ def render(cell: Cell, base_id: str | None = None) -> BuildContext:
         "requirements.txt": ("\n".join(cell.requirements) + "\n").encode(),
         "cell.json": (json.dumps(cell.claims(), indent=2, sort_keys=True) + "\n").encode(),
     }
+    if cell.installer:
+        files["installer.txt"] = (cell.installer + "\n").encode()
     if cell.toolchain:
         files["requirements-devel.txt"] = ("\n".join(cell.toolchain) + "\n").encode()
-    return BuildContext(cell=cell, files=files, content_hash=content_hash(files, base_id or cell.base.image),
-                        models={models.context_path(m): m for m in cell.models})
+    direct = dockerfile(cell, direct=True).encode() if cell.installer else None
+    # The hash covers both forms, so that a change to either rebuilds, whichever form built the image.
+    hashed = {**files, "Dockerfile.direct": direct} if direct else files
+    return BuildContext(cell=cell, files=files, content_hash=content_hash(hashed, base_id or cell.base.image),
+                        models={models.context_path(m): m for m in cell.models}, direct=direct)

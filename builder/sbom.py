@@ -30,6 +30,7 @@ from packageurl import PackageURL
 from builder import __version__
 from builder.errors import BuilderError
 from builder.matrix.model import Cell
+from builder.render import CUDA_LIBS
 
 VENV = "/opt/venv"
 LOCK = f"{VENV}/requirements.lock"
@@ -111,12 +112,12 @@ def python_packages(read: Reader, python: str) -> list[PythonPackage]:
     lock = read(LOCK)
     if lock is None:
         raise SbomError(f"the image has no {LOCK}: it was not built by this tool, or pip freeze failed")
-    site = f"{VENV}/lib/python{python}/site-packages"
+    # The venv's own, then the shared CUDA layer's (a direct build installs the nvidia-* wheels there).
+    sites = [f"{VENV}/lib/python{python}/site-packages", CUDA_LIBS.rsplit("/", 1)[0]]
     found = []
     for name, version in parse_lock(lock.decode("utf-8", "replace")):
         package = None
-        for dist_info in dist_info_candidates(name, version):
-            path = f"{site}/{dist_info}/METADATA"
+        for path in (f"{site}/{d}/METADATA" for d in dist_info_candidates(name, version) for site in sites):
             data = read(path)
             if data is not None:
                 package = parse_metadata(data.decode("utf-8", "replace"), path)

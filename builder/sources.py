@@ -16,10 +16,10 @@ import hashlib
 import html.parser
 import http.client
 import ipaddress
+import json
 import logging
 import os
 import re
-import shutil
 import socket
 import ssl
 import tempfile
@@ -35,8 +35,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, parse_sdist_filename, parse_wheel_filename
+
 from builder.errors import SourceError
-from builder.render import SOURCES_DIR
+from builder.render import PACKAGES_HOST, SOURCES_DIR
 
 log = logging.getLogger("builder")
 
@@ -49,6 +51,7 @@ NETWORK_SCHEMES = ("tcp", "http", "https", "ssh")
 APT_SOURCES = ("/etc/apt/sources.list", "/etc/apt/sources.list.d/debian.sources",
                "/etc/apt/sources.list.d/ubuntu.sources")
 _HREF = re.compile(r'href="([^"]*)"')
+_ANCHOR = re.compile(r"<a\s[^>]*>.*?</a>", re.IGNORECASE | re.DOTALL)
 _HTTP_HOST = re.compile(r"\bhttp://([A-Za-z0-9.-]+(?::[0-9]+)?)(?=[/\s]|$)", re.ASCII)
 
 
@@ -196,7 +199,32 @@ class Sources:
         if links:
             lines.append("find-links = " + " ".join(links))
         files[f"{SOURCES_DIR}/pip.conf"] = ("\n".join(lines) + "\n").encode()
+        files[f"{SOURCES_DIR}/uv.toml"] = _uv_toml(urls, links)
         return files
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int]:
+    """The first and last byte of one `Range: bytes=...` (RFC 9110): the whole file when there is none or it
+    is not one plain byte range; first > last when it lies past the end (416)."""
+    match = re.fullmatch(r"bytes=([0-9]*)-([0-9]*)", (header or "").strip())
+    if not match or match[1] == match[2] == "":
+        return 0, size - 1
+    if match[1] == "":  # the last N bytes
+        return max(0, size - int(match[2])), size - 1
+    first = int(match[1])
+    last = min(int(match[2]), size - 1) if match[2] else size - 1
+    return (first, last) if first < size else (size, size - 1)
+
+
+def _uv_toml(urls: list[str], links: list[str]) -> bytes:
+    """The same sources for uv, which reads no pip.conf. unsafe-best-match: pip's resolution, which takes the
+    best version from every index, not the first index that has the project (uv's default). The CA bundle
+    reaches uv as SSL_CERT_FILE, set by the template's RUN when sources/ holds one."""
+    def toml(values: list[str]) -> str:  # a TOML array of basic strings: JSON's escapes are TOML's
+        return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+    lines = ["[pip]", f"index-url = {json.dumps(urls[0])}", f"extra-index-url = {toml(urls[1:])}",
+             f"find-links = {toml(links)}", 'index-strategy = "unsafe-best-match"']
+    return ("\n".join(lines) + "\n").encode()
 
 
 def _wheelhouse_files(folders: list[Path]) -> dict[str, bytes]:
@@ -217,6 +245,26 @@ class _Links(html.parser.HTMLParser):
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "a":
             self.hrefs += [v for k, v in attrs if k == "href" and v]
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _anchor_text(anchor: str) -> str:
+    return html.unescape(re.sub(r"<[^>]*>", "", anchor)).strip()
+
+
+def _project_of(filename: str) -> str | None:
+    """The normalized project a wheel or sdist file name belongs to; None for anything else."""
+    try:
+        if filename.endswith(".whl"):
+            return str(parse_wheel_filename(filename)[0])
+        if filename.endswith((".tar.gz", ".zip")):
+            return str(parse_sdist_filename(filename)[0])
+    except (InvalidWheelFilename, InvalidSdistFilename):
+        return None
+    return None
 
 
 def _token(url: str) -> str:
@@ -260,11 +308,12 @@ class PackageProxy:
 
     def __init__(
         self, upstreams: list[str], cache_dir: Path, context: ssl.SSLContext, links: list[Path] | None = None,
-        *, host: str = LOOPBACK, apt: frozenset[str] = frozenset(), key: str = "",
+        *, host: str = LOOPBACK, apt: frozenset[str] = frozenset(), key: str = "", remote_links: tuple[str, ...] = (),
     ) -> None:
         self.upstreams = upstreams
         self.key = key  # what the port is derived from (the cell's content hash); "" for any free port
         self.links = links or []
+        self.remote_links = list(remote_links)  # find-links pages (URLs), merged into a direct build's index
         self.host = host
         self.apt = apt  # the mirrors (host[:port]) apt may reach through this proxy; empty: no apt route
         self.cache_dir = cache_dir
@@ -272,6 +321,7 @@ class PackageProxy:
         self.upstream_bytes = 0
         self.cached_bytes = 0
         self.fetched: dict[str, int] = {}  # file name -> bytes downloaded upstream by this proxy
+        self._fetched_paths: set[Path] = set()  # served again later (uv: HEAD, ranges, GET), never "from cache"
         self.started = time.monotonic()
         self.errors: list[str] = []
         self._lock = threading.Lock()
@@ -282,12 +332,13 @@ class PackageProxy:
         assert self._server is not None
         return http_url(self.host, self._server.server_address[1])
 
-    def build_args(self) -> dict[str, str]:
-        """Build arguments that send apt through this proxy: Docker's predefined proxy arguments, which are
-        set for RUN steps but kept out of the image, its history and the layer cache key. pip reaches the
-        proxy directly (no_proxy); nothing when the proxy has no apt route.
+    def build_args(self, direct: bool = False) -> dict[str, str]:
+        """Build arguments that send apt (and a direct build's installs, to PACKAGES_HOST) through this proxy:
+        Docker's predefined proxy arguments, which are set for RUN steps but kept out of the image, its
+        history and the layer cache key. pip in a builder stage reaches the proxy directly (no_proxy); nothing
+        when the proxy has neither route.
         """
-        if not self.apt:
+        if not self.apt and not direct:
             return {}
         return {"http_proxy": self.url, "no_proxy": self.host}
 
@@ -297,6 +348,9 @@ class PackageProxy:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                proxy._handle(self)
+
+            def do_HEAD(self) -> None:  # uv asks a file's size and range support before it reads its metadata
                 proxy._handle(self)
 
             def log_message(self, format: str, *args: Any) -> None:
@@ -332,12 +386,19 @@ class PackageProxy:
         return urllib.request.urlopen(request, timeout=120, context=self.context)
 
     def _handle(self, req: BaseHTTPRequestHandler) -> None:
-        parts = req.path.split("?")[0].strip("/").split("/")
+        path = req.path
+        if path.startswith("http://"):  # asked as a forward proxy (http_proxy): a direct build, or apt
+            target = urllib.parse.urlsplit(path)
+            if target.hostname == PACKAGES_HOST and not target.port:
+                path = target.path + (f"?{target.query}" if target.query else "")
+        parts = path.split("?")[0].strip("/").split("/")
         try:
-            if req.path.startswith("http://"):
-                self._apt(req, req.path)
+            if path.startswith("http://"):
+                self._apt(req, path)
+            elif len(parts) >= 2 and parts[0] == "simple":  # every index and find-links as one (a direct build)
+                self._page(req, list(range(len(self.upstreams))), "/".join(parts[1:]), merged=True)
             elif len(parts) >= 3 and parts[0].isdigit() and parts[1] == "simple":
-                self._page(req, int(parts[0]), "/".join(parts[2:]))
+                self._page(req, [int(parts[0])], "/".join(parts[2:]))
             elif len(parts) == 3 and parts[0] == "files":
                 self._file(req, _untoken(parts[1]), parts[2])
             elif len(parts) in (2, 3) and parts[0] == "links" and parts[1].isdigit():
@@ -353,11 +414,37 @@ class PackageProxy:
                 self.errors.append(f"{what}: {type(exc).__name__}: {exc}")
             req.send_error(502, f"upstream failed: {type(exc).__name__}")
 
-    def _page(self, req: BaseHTTPRequestHandler, index: int, project: str) -> None:
-        if index >= len(self.upstreams):
+    def _page(self, req: BaseHTTPRequestHandler, indexes: list[int], project: str, merged: bool = False) -> None:
+        """One index's page for `project`, its links through this proxy; `merged`: the links of every index,
+        wheelhouse and find-links page in one page, as pip and uv (unsafe-best-match) weigh them together."""
+        if any(i >= len(self.upstreams) for i in indexes) or (not indexes and not merged):
             req.send_error(404)
             return
-        page_url = f"{self.upstreams[index]}/{project}/"
+        bodies: list[str] = []
+        for i in indexes:
+            try:
+                bodies.append(self._rewritten(f"{self.upstreams[i]}/{project}/"))
+            except urllib.error.HTTPError as exc:
+                if not merged or exc.code != 404:  # a project that one index lacks is no error of the merged page
+                    raise
+        if not merged:
+            self._send(req, bodies[0].encode(), "text/html; charset=utf-8")
+            return
+        name = _normalize(project.strip("/"))
+        anchors = [a for body in bodies for a in _ANCHOR.findall(body)]
+        for link in self.remote_links:  # find-links pages: only the files of this project
+            anchors += [a for a in _ANCHOR.findall(self._rewritten(link)) if _project_of(_anchor_text(a)) == name]
+        for i, folder in enumerate(self.links):
+            anchors += [f'<a href="/links/{i}/{p.name}">{p.name}</a>' for p in sorted(folder.iterdir())
+                        if p.is_file() and _project_of(p.name) == name]
+        if not anchors:
+            req.send_error(404)
+            return
+        page = "<!DOCTYPE html>\n<html><body>\n" + "<br/>\n".join(anchors) + "\n</body></html>\n"
+        self._send(req, page.encode(), "text/html; charset=utf-8")
+
+    def _rewritten(self, page_url: str) -> str:
+        """The page at `page_url`, each of its links made a link to this proxy's cache."""
         with self._open(page_url, "text/html") as resp:
             body = resp.read().decode("utf-8", "replace")
             page_url = resp.geturl()
@@ -374,8 +461,7 @@ class PackageProxy:
             return f'href="/files/{_token(absolute)}/{name}' + (f"#{fragment}" if fragment else "") + '"'
 
         # One pass over the page: a str.replace per link was quadratic (grpcio's page, 11,282 links: 28 s).
-        body = _HREF.sub(local, body)
-        self._send(req, body.encode(), "text/html; charset=utf-8")
+        return _HREF.sub(local, body)
 
     def _link(self, req: BaseHTTPRequestHandler, index: int, name: str | None) -> None:
         """A local find-links folder: served as is, never counted as upstream bytes."""
@@ -398,15 +484,44 @@ class PackageProxy:
         req.send_header("Content-Type", kind)
         req.send_header("Content-Length", str(len(data)))
         req.end_headers()
-        req.wfile.write(data)
+        if req.command != "HEAD":
+            req.wfile.write(data)
 
-    def _send_file(self, req: BaseHTTPRequestHandler, path: Path) -> None:
-        req.send_response(200)
+    def _send_file(self, req: BaseHTTPRequestHandler, path: Path, *, from_cache: bool = False) -> None:
+        """`path`, whole or the one byte range asked for (uv reads a wheel's metadata from its end when the
+        index publishes none). `from_cache`: count what is sent as served from the cache (before sending, so
+        that a client that has its bytes sees them counted)."""
+        size = path.stat().st_size
+        first, last = _byte_range(req.headers.get("Range"), size) if req.command == "GET" else (0, size - 1)
+        if first > last and size:
+            req.send_response(416)
+            req.send_header("Content-Range", f"bytes */{size}")
+            req.send_header("Content-Length", "0")
+            req.end_headers()
+            return
+        partial = (first, last) != (0, size - 1)
+        req.send_response(206 if partial else 200)
         req.send_header("Content-Type", "application/octet-stream")
-        req.send_header("Content-Length", str(path.stat().st_size))
+        req.send_header("Accept-Ranges", "bytes")
+        if partial:
+            req.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+        length = max(0, last - first + 1)
+        req.send_header("Content-Length", str(length))
         req.end_headers()
+        if req.command == "HEAD":
+            return
+        if from_cache:
+            with self._lock:
+                self.cached_bytes += length
         with path.open("rb") as fh:
-            shutil.copyfileobj(fh, req.wfile, 1 << 20)
+            fh.seek(first)
+            left = length
+            while left > 0:
+                chunk = fh.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                req.wfile.write(chunk)
+                left -= len(chunk)
 
     def _apt(self, req: BaseHTTPRequestHandler, url: str) -> None:
         """apt's request as to a forward proxy: only to the base's mirrors, only plain http.
@@ -444,7 +559,11 @@ class PackageProxy:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
             try:
                 with os.fdopen(fd, "wb") as out, self._open(upstream, "*/*") as resp:
-                    shutil.copyfileobj(resp, out, 1 << 20)
+                    # Counted as it arrives: the build's progress line moves during a 800 MB wheel, not after it.
+                    while chunk := resp.read(1 << 20):
+                        out.write(chunk)
+                        with self._lock:
+                            self.upstream_bytes += len(chunk)
                     fetched = out.tell()
                     length = resp.headers.get("Content-Length")
                     if length is not None and length.isdigit() and int(length) != fetched:
@@ -454,12 +573,11 @@ class PackageProxy:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             with self._lock:
-                self.upstream_bytes += fetched
                 self.fetched[name] = self.fetched.get(name, 0) + fetched
-        else:
-            with self._lock:
-                self.cached_bytes += path.stat().st_size
-        self._send_file(req, path)
+                self._fetched_paths.add(path)
+        with self._lock:
+            from_cache = path not in self._fetched_paths
+        self._send_file(req, path, from_cache=from_cache)
 
 
 @contextmanager
@@ -475,5 +593,5 @@ def serve(sources: Sources, primary_index: str | None, *, host: str = LOOPBACK,
         return
     upstreams = sources.indexes_for(primary_index)
     with PackageProxy(upstreams, sources.cache_dir, sources.ssl_context(), sources.local_links(), host=host,
-                      apt=apt, key=key) as proxy:
+                      apt=apt, key=key, remote_links=tuple(u for u in sources.find_links if "://" in u)) as proxy:
         yield sources.context_files(primary_index, proxy.url), proxy

@@ -144,7 +144,7 @@ def floor_bytes(history: list[dict[str, Any]]) -> int:
     for layer in history:
         created = str(layer.get("CreatedBy") or "")
         if (not created or ("apt-get install" in created and "python" in created) or "COPY --from=builder" in created
-                or "#(nop) COPY dir:" in created):
+                or "#(nop) COPY dir:" in created or is_install_step("RUN " + created.split("/bin/sh -c ", 1)[-1])):
             total += int(layer.get("Size") or 0)
     return total
 
@@ -222,11 +222,11 @@ def decomposition(steps: list[list[Any]]) -> str:
 
 
 def is_install_step(instruction: str) -> bool:
-    """The builder stage's install RUN, whichever installer it names: it makes the venv (`python -m venv`, `uv
-    venv`) and installs into it (`pip install`, `uv pip install`). A record keeps only an instruction's first 80
-    characters, so any one of these marks it."""
+    """An install RUN, whichever installer it names: it makes the venv (`python -m venv`, `uv venv`) and installs
+    into it (`pip install`, `uv pip install`), or, in a direct build, starts by pointing uv at the proxy
+    (`UV_INDEX_URL=`). A record keeps only an instruction's first 80 characters, so any one of these marks it."""
     return instruction.startswith("RUN") and any(
-        word in instruction for word in (" -m venv ", "uv venv ", "pip install", "uv pip "))
+        word in instruction for word in (" -m venv ", "uv venv ", "pip install", "uv pip ", "UV_INDEX_URL="))
 
 
 def project_of(name: str) -> str:

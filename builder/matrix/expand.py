@@ -202,6 +202,7 @@ def _resolve(matrix: Matrix, gi: int, combo: Combo) -> Cell | Violation:
         toolchain=_toolchain(combo, build),
         models=tuple(Model(name=m.name, hub=m.hub, url=m.url, sha256=m.sha256, input=tuple(m.input), arch=m.arch)
                      for m in group.models),
+        installer=spec.installer,
         driver_ga=release.driver.ga if release else None,
         driver_floor=release.driver.floor if release else None,
         unverified=unverified,

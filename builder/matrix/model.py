@@ -68,6 +68,7 @@ class Cell:
     index_name: str | None = None  # the matrix's name for `index` (e.g. pytorch-cu118); None: the default
     toolchain: tuple[str, ...] = ()  # a devel cell's CUDA compiler from wheels (cuda-toolkit extras); () for none
     models: tuple[Model, ...] = ()  # pretrained models baked in, each a layer of its own (builder.models)
+    installer: str | None = None  # the builder stage's installer pin (uv==X); None: pip. Not a claim.
 
     @property
     def cuda_label(self) -> str:
@@ -106,6 +107,7 @@ class Cell:
         data["index"] = data.pop("index_name") or "default"
         if not self.models:  # a cell without models claims exactly what it claimed before models existed
             del data["models"]
+        del data["installer"]  # how the image was made, not what it holds: its pin is in the context
         if data["base"]["bootstrap"]:
             data["base"]["bootstrap"] = {"suite": self.base.bootstrap.suite if self.base.bootstrap else None}
         return data

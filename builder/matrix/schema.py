@@ -241,11 +241,21 @@ class MatrixFile(Strict):
     registry: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None  # host[:port][/ns]
     aliases: list[Alias] = []
     indexes: dict[Name, Url] = {}
+    # What installs a cell's packages in its builder stage: an exact uv pin (uv==X.Y.Z), else pip.
+    installer: Requirement | None = None
     bases: dict[Name, BaseSpec] = Field(min_length=1)
     python_sources: dict[Name, PythonSource] = {}
     cuda: dict[MajorMinor, CudaSpec] = Field(min_length=1)
     frameworks: dict[FrameworkName, FrameworkSpec] = Field(min_length=1)
     images: list[ImageGroup] = Field(min_length=1)
+
+    @field_validator("installer")
+    @classmethod
+    def _installer_is_uv(cls, value: str | None) -> str | None:
+        # pip is the default and needs no pin (it comes with the venv); uv is the only other installer known.
+        if value is not None and value.split("==")[0].lower() != "uv":
+            raise ValueError("the installer must be uv, pinned exactly (uv==0.13.8), or left out for pip")
+        return value
 
     @field_validator("schema_")
     @classmethod

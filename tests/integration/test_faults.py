@@ -134,15 +134,16 @@ def test_engine_killed_mid_build_is_one_line_and_the_next_run_removes_what_it_le
     started = time.monotonic()
     log = State(site.state).log_path(TF_CPU_TAG)
     build = site.start("build", *TF_CPU)
-    _, err, to_exit = site.kill_when(build, lambda: log.exists() and "Collecting " in log.read_text(),
-                                     "pip starting in the build")
+    # uv's "Resolved N packages" comes right before it downloads and unpacks them
+    _, err, to_exit = site.kill_when(build, lambda: log.exists() and "Resolved " in log.read_text(),
+                                     "the install starting in the build")
     assert build.returncode == 1, err[-3000:]
     assert to_exit < 30, to_exit  # the run noticed at once, it did not wait for a stream that will never end
     [line] = errors(err)
     assert line.startswith(f"error: {TF_CPU_TAG}: build failed: the engine at {site.private.address} stopped "
                            "answering during the build"), line
     assert "start it again and rerun" in line and "removed by the next build or certify there" in line
-    assert "Collecting " in log.read_text()  # the log so far is kept, and named
+    assert "Resolved " in log.read_text()  # the log so far is kept, and named
     assert f"whole log: {log}" in err
     assert State(site.state).read_record(TF_CPU_TAG) is None
 

@@ -204,8 +204,8 @@ def make_module(tmp: Path, image: str) -> bytes:
 
 def test_a_tfhub_module_is_baked_certified_and_loads_offline(work: Work, tmp_path: Path, engine) -> None:
     try:
-        # --keep-stages: the model cell below then reuses this build's builder stage (pip runs once)
-        work.cli("build", *TF, "--keep-stages", matrix=tf_matrix(work, TF_PLAIN_REPOSITORY, None), check=True)
+        # the model cell below then reuses this build's layers: the install runs once
+        work.cli("build", *TF, matrix=tf_matrix(work, TF_PLAIN_REPOSITORY, None), check=True)
         data = make_module(tmp_path, TF_PLAIN_TAG)
         sha256 = hashlib.sha256(data).hexdigest()
         matrix = tf_matrix(work, MODELS_REPOSITORY, sha256)
@@ -218,9 +218,9 @@ def test_a_tfhub_module_is_baked_certified_and_loads_offline(work: Work, tmp_pat
             assert hub.served == len(data)
         record = work.record(TF_MODEL_TAG)
         assert record["model_bytes"] == len(data)
-        # The builder stage is the plain cell's (kept by --keep-stages; the proxy's port, so pip.conf, is the same
-        # on every run): pip did not run again for a change after that stage.
-        pip_step = work.store.log_path(TF_MODEL_TAG).read_text().split("RUN python3 -m venv", 1)[1].splitlines()[1:4]
+        # The environment's layer is the plain cell's (the direct build's RUN names no port or path of the host):
+        # nothing was installed again for a change after it.
+        pip_step = work.store.log_path(TF_MODEL_TAG).read_text().split("-m venv /opt/venv", 1)[1].splitlines()[1:8]
         assert any("Using cache" in line for line in pip_step), pip_step
         base, built = layers(TF_PLAIN_TAG), layers(TF_MODEL_TAG)
         assert len(built) == len(base) + 1 and built[len(base) - 3:len(base) - 1] == base[-3:-1]

@@ -38,9 +38,9 @@ def proof_cells() -> str:
 
 def main() -> None:
     for name in CELLS:
-        path = GOLDEN / f"{name}.Dockerfile"
-        path.write_text(dockerfile(cell(name)))
-        print(path)
+        for path, direct in ((GOLDEN / f"{name}.Dockerfile", False), (GOLDEN / f"{name}.direct.Dockerfile", True)):
+            path.write_text(dockerfile(cell(name), direct=direct))
+            print(path)
     PROOF_CELLS.write_text(proof_cells())
     print(PROOF_CELLS)
 

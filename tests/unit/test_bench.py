@@ -43,8 +43,11 @@ def test_floor_counts_base_python_and_environment_layers_only() -> None:
         {"CreatedBy": "/bin/sh -c #(nop) COPY dir:93c2ea30 in /opt/venv", "Size": 1000},  # the builder stage's venv
         {"CreatedBy": "/bin/sh -c apt-get update && apt-get install -y python3 python3-venv", "Size": 100},
         {"CreatedBy": "", "Size": 50},  # an imported base has no CreatedBy
+        # a direct build's two install steps (the CUDA libraries, the environment): RUN layers, counted
+        {"CreatedBy": "|0 /bin/sh -c export UV_INDEX_URL=http://packages.builder.invalid/simple UV_NO_CACHE=1 "
+                      "&& python3 -m venv /opt/venv", "Size": 2000},
     ]
-    assert bench.floor_bytes(history) == 1150
+    assert bench.floor_bytes(history) == 3150
 
 
 # Per-file upstream bytes as a build record keeps them (`fetched_files`): a TensorFlow CPU cell on 3.11, then
@@ -267,7 +270,8 @@ def test_an_install_step_counts_whichever_installer_it_names() -> None:
     for text in ("RUN python3 -m venv /opt/venv  && PIP_CONFIG_FILE=/opt/builder-sources/pip.conf /opt/ve",
                  "RUN uv venv /opt/venv && uv pip install -r /opt/builder-sources/requirements.txt",
                  "RUN /opt/builder-uv/bin/uv pip install --python /opt/venv/bin/python --no-cache -r",
-                 "RUN pip install --no-cache-dir -r /opt/builder-sources/requirements.txt"):
+                 "RUN pip install --no-cache-dir -r /opt/builder-sources/requirements.txt",
+                 "RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY"):  # direct
         assert bench.is_install_step(text), text
     for text in ("RUN apt-get update && apt-get install -y python3 python3-venv",
                  "COPY installer.txt /opt/builder-sources/installer.txt",

@@ -101,6 +101,10 @@ CASES = [
                           '    image: {tag: "12.5.1", cudnn: cudnn, os: [ubuntu22.04]}\n', '  "12.5":\n'),
      'm.yaml:21: cuda."12.5": Input should be a valid dictionary'),
     ("not-a-mapping", "- a\n- b\n", "m.yaml:1: the matrix must be a mapping"),
+    ("installer-not-uv", edit("repository: example/ml\n", "repository: example/ml\ninstaller: \"poetry==2.0.0\"\n"),
+     "m.yaml:3: installer: the installer must be uv, pinned exactly (uv==0.13.8), or left out for pip"),
+    ("installer-unpinned", edit("repository: example/ml\n", "repository: example/ml\ninstaller: \"uv>=0.13\"\n"),
+     "m.yaml:3: installer: 'uv>=0.13' is not an exact pin such as nvidia-cudnn-cu12==9.3.0.75"),
 ]
 
 

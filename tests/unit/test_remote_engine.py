@@ -172,9 +172,11 @@ def test_a_build_on_a_remote_engine_gets_the_routed_proxy_and_apt_through_it(tmp
     assert done["build_args"]["no_proxy"] == "127.0.0.2"
 
 
-def test_a_build_on_a_local_engine_sends_apt_nowhere_new(tmp_path):
+def test_a_local_builder_stage_build_sends_apt_nowhere_new(tmp_path):
+    import dataclasses
+
     engine = FakeEngine(address="unix:///var/run/docker.sock")
-    c = cell("tensorflow-2.18.0-cpu-py3.11")
+    c = dataclasses.replace(cell("tensorflow-2.18.0-cpu-py3.11"), installer=None)  # pip: the builder-stage form
     engine.add_image(c.base.image)
     options = BuildOptions(state_dir=tmp_path / "state", sources=Sources(cache_dir=tmp_path / "c"), keep_cache=True)
     [res] = build_cells(engine, [c], options)
@@ -183,6 +185,21 @@ def test_a_build_on_a_local_engine_sends_apt_nowhere_new(tmp_path):
     pip_conf = done["files"]["sources/pip.conf"].decode()
     assert "index-url = http://127.0.0.1:" in pip_conf and "trusted-host" not in pip_conf
     assert done["build_args"] == {}
+
+
+def test_a_local_direct_build_reaches_the_proxy_only_through_http_proxy(tmp_path):
+    engine = FakeEngine(address="unix:///var/run/docker.sock")
+    c = cell("tensorflow-2.18.0-cpu-py3.11")
+    engine.add_image(c.base.image)
+    options = BuildOptions(state_dir=tmp_path / "state", sources=Sources(cache_dir=tmp_path / "c"), keep_cache=True)
+    [res] = build_cells(engine, [c], options)
+    assert res.status == "built"
+    [done] = engine.builds
+    assert done["build_args"]["http_proxy"].startswith("http://127.0.0.1:")
+    assert done["build_args"]["no_proxy"] == "127.0.0.1"
+    dockerfile = done["files"]["Dockerfile"].decode()
+    assert "http://packages.builder.invalid/simple" in dockerfile and "127.0.0.1" not in dockerfile
+    assert "AS builder" not in dockerfile
 
 
 # ------------------------------------------------------------------------------------- ssh://

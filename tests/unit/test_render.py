@@ -12,16 +12,47 @@ from builder.render import DEFAULT_SOURCES, content_hash, dockerfile, render
 from .golden import CELLS, GOLDEN, cell
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["stage", "direct"])
 @pytest.mark.parametrize("name", sorted(CELLS))
-def test_dockerfile_matches_golden(name):
-    expected = (GOLDEN / f"{name}.Dockerfile").read_text()
-    assert dockerfile(cell(name)) == expected, f"run `make golden` if the change to {name} is deliberate"
+def test_dockerfile_matches_golden(name, direct):
+    expected = (GOLDEN / f"{name}{'.direct' if direct else ''}.Dockerfile").read_text()
+    assert dockerfile(cell(name), direct=direct) == expected, f"run `make golden` if the change to {name} is deliberate"
+
+
+def test_a_direct_build_has_no_builder_stage_and_names_no_source():
+    """The direct form installs in the final stage from PACKAGES_HOST (reached through http_proxy): no stage to
+    copy from, no sources/ in the context it needs, and the CUDA layer before the environment's."""
+    ctx = render(cell("torch-2.4.1-cuda12.1-py3.11"))
+    assert ctx.direct is not None and ctx.build_files(True)["Dockerfile"] == ctx.direct
+    assert ctx.build_files(False)["Dockerfile"] == ctx.files["Dockerfile"]
+    text = ctx.direct.decode()
+    assert text.count("\nFROM ") == 2 and "AS builder" not in text and "COPY --from" not in text
+    assert "/opt/builder-sources" not in text and "127.0.0.1" not in text and "pip.conf" not in text
+    cuda = text.index("--target /opt/cuda-libs --no-deps")
+    venv = text.index("-m venv /opt/venv")
+    assert cuda < venv < text.index("COPY cell.json")
+    assert "printf '%s\\n' 'torch==2.4.1' 'torchvision==0.19.1'" in text
+    cpu = render(cell("torch-2.4.1-cpu-py3.11")).direct
+    assert cpu is not None and b"--target /opt/cuda-libs" not in cpu  # no CUDA layer where no nvidia-* wheel is
+
+
+def test_the_hash_covers_both_forms_and_a_cell_without_uv_has_no_direct_form():
+    import dataclasses
+
+    from builder.render import content_hash
+
+    c = cell("torch-2.4.1-cuda12.1-py3.11")
+    ctx = render(c)
+    assert ctx.content_hash != content_hash(ctx.files, c.base.image)  # the direct form is hashed too
+    plain = render(dataclasses.replace(c, installer=None))
+    assert plain.direct is None and plain.content_hash == content_hash(plain.files, c.base.image)
+    assert "installer.txt" not in plain.files and b"uv pip" not in plain.files["Dockerfile"]
 
 
 def test_context_holds_dockerfile_requirements_and_claims_but_not_the_payload():
     ctx = render(cell("torch-2.4.1-cuda12.1-py3.11"))
     # certify brings the payload at run time: a new check must not change every image's hash
-    assert set(ctx.files) == {"Dockerfile", "requirements.txt", "cell.json"}
+    assert set(ctx.files) == {"Dockerfile", "requirements.txt", "cell.json", "installer.txt"}
     assert ctx.files["requirements.txt"] == b"torch==2.4.1\ntorchvision==0.19.1\n"
     claims = json.loads(ctx.files["cell.json"])
     assert claims["cuda"] == "12.1" and claims["cudnn"] == "9.1.0.70" and claims["python"] == "3.11"
@@ -43,7 +74,8 @@ def test_hash_is_stable_and_sensitive():
     assert render(c, base_id="sha256:1").content_hash != render(c, base_id="sha256:2").content_hash
     assert render(c, base_id="sha256:1").content_hash != first.content_hash
     # a pinned value: the hash must not depend on the machine, the time or dict order
-    assert first.content_hash == content_hash(dict(reversed(list(first.files.items()))), c.base.image)
+    hashed = {"Dockerfile.direct": first.direct, **first.files}
+    assert first.content_hash == content_hash(dict(reversed(list(hashed.items()))), c.base.image)
     other_base = dataclasses.replace(c, base=dataclasses.replace(c.base, image="debian:bookworm"))
     assert render(other_base).content_hash != first.content_hash
     other_req = dataclasses.replace(c, requirements=("torch==2.4.0",))

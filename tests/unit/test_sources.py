@@ -147,7 +147,119 @@ def test_an_upstream_that_breaks_off_mid_download_is_kept_as_an_error(tmp_path):
             assert err.value.code == 502
             assert len(proxy.errors) == 1 and proxy.errors[0].startswith("big-1.0-py3-none-any.whl: ")
             assert _token(upstream) not in proxy.errors[0]  # the token encodes the URL: never in a message
-            assert proxy.upstream_bytes == 0
+            assert (proxy.upstream_bytes, proxy.fetched) == (10, {})  # what came down, though none of it is kept
         assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no half file cached
     finally:
         server.shutdown()
+
+
+def _request(url: str, method: str = "GET", range_: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, method=method, headers={"Range": range_} if range_ else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), b""
+
+
+def test_proxy_answers_head_and_byte_ranges_as_uv_asks_them(upstream, tmp_path):
+    """uv asks HEAD, then reads a wheel's metadata through byte ranges, when the index publishes none
+    (torch 2.4.1 on PyPI): a proxy without either failed uv's install (501 on HEAD)."""
+    import ssl
+
+    cache = tmp_path / "cache"
+    with PackageProxy([upstream], cache, ssl.create_default_context()) as proxy:
+        page = _get(f"{proxy.url}/0/simple/demo/").decode()
+        url = proxy.url + page.split('href="')[1].split("#")[0]
+        status, headers, body = _request(url, "HEAD")
+        assert (status, headers["Content-Length"], headers["Accept-Ranges"], body) == (200, "5000", "bytes", b"")
+        assert proxy.upstream_bytes == 5000  # fetched once, on the HEAD, so that ranges come from the cache
+        status, headers, body = _request(url, range_="bytes=-100")
+        assert (status, headers["Content-Range"], body) == (206, "bytes 4900-4999/5000", b"w" * 100)
+        status, headers, body = _request(url, range_="bytes=10-19")
+        assert (status, headers["Content-Range"], len(body)) == (206, "bytes 10-19/5000", 10)
+        assert _request(url, range_="bytes=4990-")[2] == b"w" * 10
+        status, headers, _ = _request(url, range_="bytes=6000-")
+        assert (status, headers["Content-Range"]) == (416, "bytes */5000")
+        assert _request(url, range_="items=1-2")[0] == 200  # not a byte range: the whole file
+        assert _get(url) == b"w" * 5000
+        # All of it came down once in this run: none of it counts as "from cache".
+        assert (proxy.upstream_bytes, proxy.cached_bytes) == (5000, 0)
+    with PackageProxy([upstream], cache, ssl.create_default_context()) as again:
+        assert _request(again.url + page.split('href="')[1].split("#")[0], range_="bytes=-100")[0] == 206
+        assert (again.upstream_bytes, again.cached_bytes) == (0, 100)  # what was sent, not the file's size
+
+
+def _wheel(folder: Path, name: str, version: str) -> Path:
+    """A real (tiny) wheel, so that uv reads its metadata as it reads torch's."""
+    import zipfile
+
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{name}/__init__.py", f"VERSION = {version!r}\n")
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def test_uv_installs_through_the_proxy_with_the_generated_config(tmp_path):
+    """The matrix's installer end to end on the host: the uv.toml that context_files writes, uv from the dev
+    extra, the proxy in front of a PEP 503 index whose links carry no metadata (uv falls back to HEAD and
+    byte ranges), and the best version across two indexes, as pip picks it (unsafe-best-match)."""
+    import shutil
+    import ssl
+    import subprocess
+    import sys
+
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent))
+    if uv is None:
+        pytest.skip("uv is not installed beside this Python (pip install -e '.[dev]')")
+    roots = []
+    for i, version in enumerate(("1.0", "2.0")):  # the second index has the newer release
+        root = tmp_path / f"index{i}"
+        (root / "simple" / "demo").mkdir(parents=True)
+        wheel = _wheel(root, "demo", version)
+        (root / "simple" / "demo" / "index.html").write_text(f'<a href="../../{wheel.name}">{wheel.name}</a>')
+        roots.append(root)
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(r)))
+               for r in roots]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    upstreams = [f"http://127.0.0.1:{s.server_address[1]}/simple" for s in servers]
+    try:
+        src = Sources.from_env(index_url=upstreams[0], extra_index_urls=[upstreams[1]], environ={},
+                               cache_dir=str(tmp_path / "cache"))
+        with PackageProxy(src.indexes_for(None), src.cache_dir, ssl.create_default_context()) as proxy:
+            config = tmp_path / "uv.toml"
+            config.write_bytes(src.context_files(None, proxy.url)["sources/uv.toml"])
+            venv = tmp_path / "venv"
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+            env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "UV_CONFIG_FILE": str(config)}
+            done = subprocess.run([uv, "pip", "install", "--python", str(venv / "bin" / "python"), "--no-cache",
+                                   "demo"], env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            assert "demo==2.0" in done.stderr
+            assert proxy.upstream_bytes > 0 and not proxy.errors
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
+def test_uv_toml_says_what_pip_conf_says(tmp_path):
+    import tomllib
+
+    house = tmp_path / "house"
+    house.mkdir()
+    src = Sources.from_env(extra_index_urls=["https://extra.example/simple"], find_links=[str(house),
+                           "https://links.example/"], environ={})
+    proxied = tomllib.loads(src.context_files("https://download.pytorch.org/whl/cpu", "http://127.0.0.1:9")[
+        "sources/uv.toml"].decode())["pip"]
+    assert proxied == {"index-url": "http://127.0.0.1:9/0/simple",
+                       "extra-index-url": ["http://127.0.0.1:9/1/simple", "http://127.0.0.1:9/2/simple"],
+                       "find-links": ["https://links.example/", "http://127.0.0.1:9/links/0/"],
+                       "index-strategy": "unsafe-best-match"}
+    direct = tomllib.loads(Sources.from_env(find_links=[str(house)], proxy=False, environ={}).context_files(
+        None, None)["sources/uv.toml"].decode())["pip"]
+    assert direct["index-url"] == PYPI and direct["find-links"] == ["/opt/builder-sources/wheelhouse"]

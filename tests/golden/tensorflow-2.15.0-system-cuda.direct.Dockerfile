@@ -1,0 +1,79 @@
+# builder/tensorflow:2.15.0-cuda12.2-cudnn8.9-py3.10-runtime-cuda-runtime-ubuntu22.04
+# Classic-builder syntax only: the Docker SDK cannot drive BuildKit.
+# --- OS base: shared by the builder and final stages, so both reuse the same cached layers.
+FROM nvidia/cuda:12.2.2-cudnn8-runtime-ubuntu22.04 AS os
+LABEL org.builder.managed="true"
+ENV DEBIAN_FRONTEND=noninteractive \
+    LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# --- Python 3.10 (system), before any CUDA or framework layer. `apt-get clean`:
+# a debootstrapped base keeps every downloaded .deb (no docker-clean hook), and the image promises empty caches.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/*
+
+# --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
+FROM os
+# --- A non-root user with a numeric UID, so runtimes that refuse root (runAsNonRoot) accept the image.
+RUN useradd --uid 10001 --user-group --create-home --shell /bin/bash app
+
+# --- CUDA 12.2 from the nvidia/cuda base image.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=12.2 driver>=525"
+
+# The package proxy is reached through Docker's predefined http_proxy argument (kept out of the image, its
+# history and the cache key) under a name that is the same on every host: the sources stay on the host. uv
+# comes from the proxy too and leaves with /tmp/builder-tools; times are pinned so that a layer's bytes depend on
+# its packages alone (/opt and /tmp change as the files are written).
+# The CUDA libraries from the framework's nvidia-* wheels, resolved here as below, in a layer of their own:
+# cells that resolve the same nvidia-* pins share it, whatever their base, Python or framework.
+# The environment, the same resolution without the nvidia-* pins: the venv finds their modules through a symlink,
+# as before, and their dist-info through a .pth file. pip check fails the build if the two resolutions ever
+# disagree; pip freeze writes the lock. (uv's .lock files are its own, and world-writable: not kept.)
+RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 UV_HTTP_TIMEOUT=300 \
+ && python3 -m venv /tmp/builder-tools \
+ && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --target /tmp/builder-tools/uv \
+      --index-url http://packages.builder.invalid/simple --trusted-host packages.builder.invalid uv==0.13.8 \
+ && printf '%s\n' 'tensorflow==2.15.0' > /tmp/builder-tools/requirements.txt \
+ && /tmp/builder-tools/uv/bin/uv pip compile --python python3 --no-header --no-annotate \
+      -o /tmp/builder-tools/lock.txt /tmp/builder-tools/requirements.txt \
+ && python3 -m venv /opt/venv \
+ && if [ -d /opt/cuda-libs/nvidia ]; then \
+      echo /opt/cuda-libs > /opt/venv/lib/python3.10/site-packages/builder-cuda-libs.pth \
+      && ln -s /opt/cuda-libs/nvidia /opt/venv/lib/python3.10/site-packages/nvidia; \
+    fi \
+ && { grep -iv '^nvidia-' /tmp/builder-tools/lock.txt || true; } > /tmp/builder-tools/env.txt \
+ && /tmp/builder-tools/uv/bin/uv pip install --python /opt/venv/bin/python --no-deps -r /tmp/builder-tools/env.txt \
+ && rm -f /opt/venv/.lock \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock \
+ && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
+ && rm -rf /tmp/builder-tools \
+ && find /opt/venv -exec touch -h -d @0 {} + \
+ && touch -h -d @0 /opt /tmp
+
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH}
+
+# --- What the cell claims, for `builder certify` (which brings its current smoke payload at run time).
+COPY cell.json /opt/builder/cell.json
+LABEL org.opencontainers.image.title="tensorflow" \
+      org.opencontainers.image.version="2.15.0" \
+      org.opencontainers.image.base.name="nvidia/cuda:12.2.2-cudnn8-runtime-ubuntu22.04" \
+      org.opencontainers.image.description="tensorflow 2.15.0, cuda12.2, Python 3.10, runtime" \
+      org.builder.tag="builder/tensorflow:2.15.0-cuda12.2-cudnn8.9-py3.10-runtime-cuda-runtime-ubuntu22.04" \
+      org.builder.framework="tensorflow" \
+      org.builder.framework.version="2.15.0" \
+      org.builder.cuda="12.2" \
+      org.builder.cudnn="8.9.4.25" \
+      org.builder.python="3.10" \
+      org.builder.flavor="runtime" \
+      org.builder.driver.min="525"
+USER 10001:10001
+WORKDIR /home/app
+CMD ["python"]
+

@@ -1,0 +1,96 @@
+# builder/tensorflow:2.18.0-cuda12.5-cudnn9.3-py3.11-runtime-debian12
+# Classic-builder syntax only: the Docker SDK cannot drive BuildKit.
+# --- OS base: shared by the builder and final stages, so both reuse the same cached layers.
+FROM debian:bookworm-slim AS os
+LABEL org.builder.managed="true"
+ENV DEBIAN_FRONTEND=noninteractive \
+    LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# --- Python 3.11 (system), before any CUDA or framework layer. `apt-get clean`:
+# a debootstrapped base keeps every downloaded .deb (no docker-clean hook), and the image promises empty caches.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/*
+
+# --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
+FROM os
+# --- A non-root user with a numeric UID, so runtimes that refuse root (runAsNonRoot) accept the image.
+RUN useradd --uid 10001 --user-group --create-home --shell /bin/bash app
+
+# --- CUDA 12.5 from the framework's pip nvidia-* wheels.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=12.5 driver>=525"
+# TensorFlow does not find its pip CUDA libraries by itself: put every nvidia/*/lib on the loader path.
+ENV LD_LIBRARY_PATH=/opt/cuda-libs/nvidia/cublas/lib:/opt/cuda-libs/nvidia/cuda_cupti/lib:/opt/cuda-libs/nvidia/cuda_nvcc/lib:/opt/cuda-libs/nvidia/cuda_nvrtc/lib:/opt/cuda-libs/nvidia/cuda_runtime/lib:/opt/cuda-libs/nvidia/cudnn/lib:/opt/cuda-libs/nvidia/cufft/lib:/opt/cuda-libs/nvidia/curand/lib:/opt/cuda-libs/nvidia/cusolver/lib:/opt/cuda-libs/nvidia/cusparse/lib:/opt/cuda-libs/nvidia/nccl/lib:/opt/cuda-libs/nvidia/nvjitlink/lib \
+    PATH=/opt/cuda-libs/nvidia/cuda_nvcc/bin:${PATH}
+
+# The package proxy is reached through Docker's predefined http_proxy argument (kept out of the image, its
+# history and the cache key) under a name that is the same on every host: the sources stay on the host. uv
+# comes from the proxy too and leaves with /tmp/builder-tools; times are pinned so that a layer's bytes depend on
+# its packages alone (/opt and /tmp change as the files are written).
+# The CUDA libraries from the framework's nvidia-* wheels, resolved here as below, in a layer of their own:
+# cells that resolve the same nvidia-* pins share it, whatever their base, Python or framework.
+RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 UV_HTTP_TIMEOUT=300 \
+ && python3 -m venv /tmp/builder-tools \
+ && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --target /tmp/builder-tools/uv \
+      --index-url http://packages.builder.invalid/simple --trusted-host packages.builder.invalid uv==0.13.8 \
+ && printf '%s\n' 'tensorflow[and-cuda]==2.18.0' > /tmp/builder-tools/requirements.txt \
+ && /tmp/builder-tools/uv/bin/uv pip compile --python python3 --no-header --no-annotate \
+      -o /tmp/builder-tools/lock.txt /tmp/builder-tools/requirements.txt \
+ && if grep -i '^nvidia-' /tmp/builder-tools/lock.txt > /tmp/builder-tools/cuda.txt; then \
+      /tmp/builder-tools/uv/bin/uv pip install --python python3 --target /opt/cuda-libs --no-deps -r /tmp/builder-tools/cuda.txt \
+      && rm -f /opt/cuda-libs/.lock \
+      && find /opt/cuda-libs -exec touch -h -d @0 {} +; \
+    fi \
+ && rm -rf /tmp/builder-tools \
+ && touch -h -d @0 /opt /tmp
+# The environment, the same resolution without the nvidia-* pins: the venv finds their modules through a symlink,
+# as before, and their dist-info through a .pth file. pip check fails the build if the two resolutions ever
+# disagree; pip freeze writes the lock. (uv's .lock files are its own, and world-writable: not kept.)
+RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 UV_HTTP_TIMEOUT=300 \
+ && python3 -m venv /tmp/builder-tools \
+ && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --target /tmp/builder-tools/uv \
+      --index-url http://packages.builder.invalid/simple --trusted-host packages.builder.invalid uv==0.13.8 \
+ && printf '%s\n' 'tensorflow[and-cuda]==2.18.0' > /tmp/builder-tools/requirements.txt \
+ && /tmp/builder-tools/uv/bin/uv pip compile --python python3 --no-header --no-annotate \
+      -o /tmp/builder-tools/lock.txt /tmp/builder-tools/requirements.txt \
+ && python3 -m venv /opt/venv \
+ && if [ -d /opt/cuda-libs/nvidia ]; then \
+      echo /opt/cuda-libs > /opt/venv/lib/python3.11/site-packages/builder-cuda-libs.pth \
+      && ln -s /opt/cuda-libs/nvidia /opt/venv/lib/python3.11/site-packages/nvidia; \
+    fi \
+ && { grep -iv '^nvidia-' /tmp/builder-tools/lock.txt || true; } > /tmp/builder-tools/env.txt \
+ && /tmp/builder-tools/uv/bin/uv pip install --python /opt/venv/bin/python --no-deps -r /tmp/builder-tools/env.txt \
+ && rm -f /opt/venv/.lock \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock \
+ && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
+ && rm -rf /tmp/builder-tools \
+ && find /opt/venv -exec touch -h -d @0 {} + \
+ && touch -h -d @0 /opt /tmp
+
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH}
+
+# --- What the cell claims, for `builder certify` (which brings its current smoke payload at run time).
+COPY cell.json /opt/builder/cell.json
+LABEL org.opencontainers.image.title="tensorflow" \
+      org.opencontainers.image.version="2.18.0" \
+      org.opencontainers.image.base.name="debian:bookworm-slim" \
+      org.opencontainers.image.description="tensorflow 2.18.0, cuda12.5, Python 3.11, runtime" \
+      org.builder.tag="builder/tensorflow:2.18.0-cuda12.5-cudnn9.3-py3.11-runtime-debian12" \
+      org.builder.framework="tensorflow" \
+      org.builder.framework.version="2.18.0" \
+      org.builder.cuda="12.5" \
+      org.builder.cudnn="9.3.0.75" \
+      org.builder.python="3.11" \
+      org.builder.flavor="runtime" \
+      org.builder.driver.min="525"
+USER 10001:10001
+WORKDIR /home/app
+CMD ["python"]
+
