@@ -30,6 +30,7 @@ lint: ## ruff, mypy, hadolint on every rendered Dockerfile, the workflow against
 	$(PY) -m mypy
 	rm -rf out/lint && mkdir -p out && $(PY) -m builder render --out out/lint >/dev/null
 	find out/lint -name Dockerfile -print0 | xargs -0 -n 50 .venv/bin/hadolint
+	.venv/bin/hadolint tests/golden/*.direct.Dockerfile  # render --out writes the builder-stage form only
 	@# The GitHub workflow schema ships inside check-jsonschema's wheel (vendor.github-workflows): checked offline.
 	.venv/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	@if [ -x .venv/bin/actionlint ]; then .venv/bin/actionlint -no-color && echo "actionlint: clean"; else echo "actionlint:" \
