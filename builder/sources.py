@@ -1,18 +1,20 @@
 """Build-time package sources: the CA bundle, package indexes, and the caching index that serves builds.
 
-Every file pip fetches for any cell goes through a small caching proxy. Builds use the engine host's
+Every file pip or uv fetches for any cell goes through a small caching proxy. Builds use the engine host's
 network, so the proxy listens on 127.0.0.1 for an engine on this machine, and on the one local address
 that routes to the engine's host for a remote engine (never on every address). A wheel fetched once is
 served from the host's cache to every later cell, and each proxy counts what it had to fetch upstream,
-so the summary can show bytes per cell. For a remote engine the same proxy also forwards apt's plain-http
-requests to the base's own mirrors (each .deb cached once): such an engine may have no route out.
-Only the builder stage ever sees these sources: the final stage copies the installed venv and nothing else.
+so the summary can show bytes per cell. The same proxy forwards apt's plain-http requests to the base's own
+mirrors (each .deb cached once) for a remote engine, which may have no route out, and for a direct build.
+The sources themselves (CA bundle, index URLs and their credentials) stay on the host: a direct build sees
+only the proxy, a builder stage gets pip.conf and the CA bundle, and the final stage copies the venv alone.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import html.parser
 import http.client
 import ipaddress
@@ -52,6 +54,8 @@ APT_SOURCES = ("/etc/apt/sources.list", "/etc/apt/sources.list.d/debian.sources"
                "/etc/apt/sources.list.d/ubuntu.sources")
 _HREF = re.compile(r'href="([^"]*)"')
 _ANCHOR = re.compile(r"<a\s[^>]*>.*?</a>", re.IGNORECASE | re.DOTALL)
+# A project's name as a simple index's URL names it: one path segment, nothing to climb out of it with.
+_PROJECT = re.compile(r"[A-Za-z0-9._-]+")
 _HTTP_HOST = re.compile(r"\bhttp://([A-Za-z0-9.-]+(?::[0-9]+)?)(?=[/\s]|$)", re.ASCII)
 
 
@@ -212,6 +216,8 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int]:
     if match[1] == "":  # the last N bytes
         return max(0, size - int(match[2])), size - 1
     first = int(match[1])
+    if match[2] and int(match[2]) < first:  # not a valid range (RFC 9110 14.1.1): ignored, the whole file
+        return 0, size - 1
     last = min(int(match[2]), size - 1) if match[2] else size - 1
     return (first, last) if first < size else (size, size - 1)
 
@@ -251,8 +257,12 @@ def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _anchor_text(anchor: str) -> str:
-    return html.unescape(re.sub(r"<[^>]*>", "", anchor)).strip()
+def _file_name(anchor: str) -> str:
+    """The file an anchor links to, by its href's last path segment (a page's text may be a path, or `+` as
+    %2B, as PyTorch's torch_stable.html has it)."""
+    href = _HREF.search(anchor)
+    path = urllib.parse.urlsplit(html.unescape(href[1])).path if href else ""
+    return urllib.parse.unquote(path.rsplit("/", 1)[-1])
 
 
 def _project_of(filename: str) -> str | None:
@@ -267,12 +277,20 @@ def _project_of(filename: str) -> str | None:
     return None
 
 
-def _token(url: str) -> str:
-    return base64.urlsafe_b64encode(url.encode()).decode().rstrip("=")
+def _split_auth(url: str) -> tuple[str, str | None]:
+    """`url` without its user:password@, and the Basic Authorization header they make (None without)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), f"Basic {basic}"
 
 
-def _untoken(token: str) -> str:
-    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+class _ClientGone(Exception):
+    """The client hung up while it was being answered (uv cancels prefetches): no upstream failure."""
 
 
 PORTS = (20000, 50000)  # preferred proxy ports: above the well-known and registered ranges people configure
@@ -326,6 +344,18 @@ class PackageProxy:
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        # /files/ tokens are signed with a key of this proxy's own: it fetches only what its pages linked, never
+        # a URL (file://, a metadata address) that a build step made up.
+        self._key = os.urandom(16)
+        # Credentials of an index or find-links URL, sent (never through a redirect) to that host alone, as pip
+        # sends them; the URLs themselves, and so the file tokens, carry none.
+        self._auth: dict[tuple[str, str], str] = {}
+        for url in [*upstreams, *self.remote_links]:
+            bare, auth = _split_auth(url)
+            if auth:
+                parts = urllib.parse.urlsplit(bare)
+                self._auth[(parts.scheme, parts.netloc.lower())] = auth
+        self._link_pages: dict[str, str] = {}  # a find-links page, fetched once per proxy
 
     @property
     def url(self) -> str:
@@ -381,30 +411,53 @@ class PackageProxy:
             self._server.shutdown()
             self._server.server_close()
 
+    def token(self, url: str) -> str:
+        """The /files/ path segment for `url`: the URL itself, signed by this proxy."""
+        mac = hmac.new(self._key, url.encode(), hashlib.sha256).hexdigest()[:32]
+        return base64.urlsafe_b64encode(url.encode()).decode().rstrip("=") + "." + mac
+
+    def untoken(self, token: str) -> str | None:
+        """The URL a token of this proxy names; None for anything else (forged, another proxy's, garbled)."""
+        encoded, _, mac = token.partition(".")
+        try:
+            url = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return url if hmac.compare_digest(mac, self.token(url).partition(".")[2]) else None
+
     def _open(self, url: str, accept: str) -> Any:
+        url, auth = _split_auth(url)
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"not an http(s) URL: {parts.scheme}:")
         request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": "builder-proxy"})
+        auth = auth or self._auth.get((parts.scheme, parts.netloc.lower()))
+        if auth:
+            request.add_unredirected_header("Authorization", auth)
         return urllib.request.urlopen(request, timeout=120, context=self.context)
 
     def _handle(self, req: BaseHTTPRequestHandler) -> None:
         path = req.path
         if path.startswith("http://"):  # asked as a forward proxy (http_proxy): a direct build, or apt
             target = urllib.parse.urlsplit(path)
-            if target.hostname == PACKAGES_HOST and not target.port:
+            if target.hostname == PACKAGES_HOST and target.port in (None, 80):
                 path = target.path + (f"?{target.query}" if target.query else "")
         parts = path.split("?")[0].strip("/").split("/")
         try:
             if path.startswith("http://"):
                 self._apt(req, path)
-            elif len(parts) >= 2 and parts[0] == "simple":  # every index and find-links as one (a direct build)
-                self._page(req, list(range(len(self.upstreams))), "/".join(parts[1:]), merged=True)
-            elif len(parts) >= 3 and parts[0].isdigit() and parts[1] == "simple":
-                self._page(req, [int(parts[0])], "/".join(parts[2:]))
-            elif len(parts) == 3 and parts[0] == "files":
-                self._file(req, _untoken(parts[1]), parts[2])
+            elif len(parts) == 2 and parts[0] == "simple":  # every index and find-links as one (a direct build)
+                self._page(req, list(range(len(self.upstreams))), parts[1], merged=True)
+            elif len(parts) == 3 and parts[0].isdigit() and parts[1] == "simple":
+                self._page(req, [int(parts[0])], parts[2])
+            elif len(parts) == 3 and parts[0] == "files" and (upstream := self.untoken(parts[1])) is not None:
+                self._file(req, upstream, parts[2])
             elif len(parts) in (2, 3) and parts[0] == "links" and parts[1].isdigit():
                 self._link(req, int(parts[1]), parts[2] if len(parts) == 3 else None)
             else:
                 req.send_error(404)
+        except _ClientGone:
+            log.debug("proxy: the client of %s hung up", parts[-1] if parts else "/")
         except urllib.error.HTTPError as exc:
             req.send_error(exc.code, str(exc.reason))
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
@@ -417,7 +470,8 @@ class PackageProxy:
     def _page(self, req: BaseHTTPRequestHandler, indexes: list[int], project: str, merged: bool = False) -> None:
         """One index's page for `project`, its links through this proxy; `merged`: the links of every index,
         wheelhouse and find-links page in one page, as pip and uv (unsafe-best-match) weigh them together."""
-        if any(i >= len(self.upstreams) for i in indexes) or (not indexes and not merged):
+        if (any(i >= len(self.upstreams) for i in indexes) or (not indexes and not merged)
+                or not _PROJECT.fullmatch(project)):
             req.send_error(404)
             return
         bodies: list[str] = []
@@ -425,15 +479,16 @@ class PackageProxy:
             try:
                 bodies.append(self._rewritten(f"{self.upstreams[i]}/{project}/"))
             except urllib.error.HTTPError as exc:
-                if not merged or exc.code != 404:  # a project that one index lacks is no error of the merged page
+                # A project one index lacks is no error of the merged page: 404, or 403 from PyTorch's indexes.
+                if not merged or exc.code not in (403, 404):
                     raise
         if not merged:
             self._send(req, bodies[0].encode(), "text/html; charset=utf-8")
             return
-        name = _normalize(project.strip("/"))
+        name = _normalize(project)
         anchors = [a for body in bodies for a in _ANCHOR.findall(body)]
-        for link in self.remote_links:  # find-links pages: only the files of this project
-            anchors += [a for a in _ANCHOR.findall(self._rewritten(link)) if _project_of(_anchor_text(a)) == name]
+        for link in self.remote_links:  # find-links pages: only the files of this project, by their file names
+            anchors += [a for a in _ANCHOR.findall(self._link_page(link)) if _project_of(_file_name(a)) == name]
         for i, folder in enumerate(self.links):
             anchors += [f'<a href="/links/{i}/{p.name}">{p.name}</a>' for p in sorted(folder.iterdir())
                         if p.is_file() and _project_of(p.name) == name]
@@ -442,6 +497,21 @@ class PackageProxy:
             return
         page = "<!DOCTYPE html>\n<html><body>\n" + "<br/>\n".join(anchors) + "\n</body></html>\n"
         self._send(req, page.encode(), "text/html; charset=utf-8")
+
+    def _link_page(self, url: str) -> str:
+        """A find-links page, rewritten, once per proxy (every project's page reads it)."""
+        with self._lock:
+            page = self._link_pages.get(url)
+        if page is None:
+            try:
+                page = self._rewritten(url)
+            except urllib.error.HTTPError as exc:
+                if exc.code not in (403, 404):
+                    raise
+                page = ""
+            with self._lock:
+                self._link_pages[url] = page
+        return page
 
     def _rewritten(self, page_url: str) -> str:
         """The page at `page_url`, each of its links made a link to this proxy's cache."""
@@ -458,7 +528,7 @@ class PackageProxy:
                 return match[0]
             absolute, _, fragment = urllib.parse.urljoin(page_url, href).partition("#")
             name = absolute.rsplit("/", 1)[-1]
-            return f'href="/files/{_token(absolute)}/{name}' + (f"#{fragment}" if fragment else "") + '"'
+            return f'href="/files/{self.token(absolute)}/{name}' + (f"#{fragment}" if fragment else "") + '"'
 
         # One pass over the page: a str.replace per link was quadratic (grpcio's page, 11,282 links: 28 s).
         return _HREF.sub(local, body)
@@ -473,6 +543,7 @@ class PackageProxy:
             anchors = "".join(f'<a href="{p.name}">{p.name}</a>\n' for p in sorted(folder.iterdir()) if p.is_file())
             self._send(req, f"<html><body>\n{anchors}</body></html>\n".encode(), "text/html")
             return
+        name = urllib.parse.unquote(name)  # pip asks for a local version's `+` as %2B
         path = folder / name
         if "/" in name or not path.is_file():
             req.send_error(404)
@@ -485,7 +556,14 @@ class PackageProxy:
         req.send_header("Content-Length", str(len(data)))
         req.end_headers()
         if req.command != "HEAD":
+            self._write(req, data)
+
+    @staticmethod
+    def _write(req: BaseHTTPRequestHandler, data: bytes) -> None:
+        try:
             req.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise _ClientGone from exc
 
     def _send_file(self, req: BaseHTTPRequestHandler, path: Path, *, from_cache: bool = False) -> None:
         """`path`, whole or the one byte range asked for (uv reads a wheel's metadata from its end when the
@@ -520,7 +598,7 @@ class PackageProxy:
                 chunk = fh.read(min(left, 1 << 20))
                 if not chunk:
                     break
-                req.wfile.write(chunk)
+                self._write(req, chunk)
                 left -= len(chunk)
 
     def _apt(self, req: BaseHTTPRequestHandler, url: str) -> None:

@@ -68,7 +68,7 @@ class Cell:
     index_name: str | None = None  # the matrix's name for `index` (e.g. pytorch-cu118); None: the default
     toolchain: tuple[str, ...] = ()  # a devel cell's CUDA compiler from wheels (cuda-toolkit extras); () for none
     models: tuple[Model, ...] = ()  # pretrained models baked in, each a layer of its own (builder.models)
-    installer: str | None = None  # the builder stage's installer pin (uv==X); None: pip. Not a claim.
+    installer: str | None = None  # the installer pin (uv==X; direct builds); None: pip. Not a claim.
 
     @property
     def cuda_label(self) -> str:

@@ -241,7 +241,7 @@ class MatrixFile(Strict):
     registry: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None  # host[:port][/ns]
     aliases: list[Alias] = []
     indexes: dict[Name, Url] = {}
-    # What installs a cell's packages in its builder stage: an exact uv pin (uv==X.Y.Z), else pip.
+    # What installs a cell's packages: an exact uv pin (uv==X.Y.Z), which also makes proxied builds direct, else pip.
     installer: Requirement | None = None
     bases: dict[Name, BaseSpec] = Field(min_length=1)
     python_sources: dict[Name, PythonSource] = {}

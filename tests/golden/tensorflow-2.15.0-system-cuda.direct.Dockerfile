@@ -32,11 +32,12 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
 # The CUDA libraries from the framework's nvidia-* wheels, resolved here as below, in a layer of their own:
 # cells that resolve the same nvidia-* pins share it, whatever their base, Python or framework.
 # The environment, the same resolution without the nvidia-* pins: the venv finds their modules through a symlink,
-# as before, and their dist-info through a .pth file. pip check fails the build if the two resolutions ever
-# disagree; pip freeze writes the lock. (uv's .lock files are its own, and world-writable: not kept.)
+# as before, and their dist-info through a .pth file. The build fails if the two resolutions ever disagree on
+# those pins (compared here: pip check does not look at extras such as TensorFlow's and-cuda); pip check, then
+# pip freeze writes the lock. (uv's .lock files are its own, and world-writable: not kept.)
 RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 UV_HTTP_TIMEOUT=300 \
  && python3 -m venv /tmp/builder-tools \
- && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --target /tmp/builder-tools/uv \
+ && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --timeout 300 --target /tmp/builder-tools/uv \
       --index-url http://packages.builder.invalid/simple --trusted-host packages.builder.invalid uv==0.13.8 \
  && printf '%s\n' 'tensorflow==2.15.0' > /tmp/builder-tools/requirements.txt \
  && /tmp/builder-tools/uv/bin/uv pip compile --python python3 --no-header --no-annotate \
@@ -46,7 +47,7 @@ RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY
       echo /opt/cuda-libs > /opt/venv/lib/python3.10/site-packages/builder-cuda-libs.pth \
       && ln -s /opt/cuda-libs/nvidia /opt/venv/lib/python3.10/site-packages/nvidia; \
     fi \
- && { grep -iv '^nvidia-' /tmp/builder-tools/lock.txt || true; } > /tmp/builder-tools/env.txt \
+ && cp /tmp/builder-tools/lock.txt /tmp/builder-tools/env.txt \
  && /tmp/builder-tools/uv/bin/uv pip install --python /opt/venv/bin/python --no-deps -r /tmp/builder-tools/env.txt \
  && rm -f /opt/venv/.lock \
  && /opt/venv/bin/pip check \

@@ -36,7 +36,7 @@ ENV LD_LIBRARY_PATH=/opt/cuda-libs/nvidia/cublas/lib:/opt/cuda-libs/nvidia/cuda_
 # cells that resolve the same nvidia-* pins share it, whatever their base, Python or framework.
 RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 UV_HTTP_TIMEOUT=300 \
  && python3 -m venv /tmp/builder-tools \
- && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --target /tmp/builder-tools/uv \
+ && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --timeout 300 --target /tmp/builder-tools/uv \
       --index-url http://packages.builder.invalid/simple --trusted-host packages.builder.invalid uv==0.13.8 \
  && printf '%s\n' 'tensorflow[and-cuda]==2.18.0' > /tmp/builder-tools/requirements.txt \
  && /tmp/builder-tools/uv/bin/uv pip compile --python python3 --no-header --no-annotate \
@@ -49,11 +49,12 @@ RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY
  && rm -rf /tmp/builder-tools \
  && touch -h -d @0 /opt /tmp
 # The environment, the same resolution without the nvidia-* pins: the venv finds their modules through a symlink,
-# as before, and their dist-info through a .pth file. pip check fails the build if the two resolutions ever
-# disagree; pip freeze writes the lock. (uv's .lock files are its own, and world-writable: not kept.)
+# as before, and their dist-info through a .pth file. The build fails if the two resolutions ever disagree on
+# those pins (compared here: pip check does not look at extras such as TensorFlow's and-cuda); pip check, then
+# pip freeze writes the lock. (uv's .lock files are its own, and world-writable: not kept.)
 RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 UV_HTTP_TIMEOUT=300 \
  && python3 -m venv /tmp/builder-tools \
- && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --target /tmp/builder-tools/uv \
+ && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --timeout 300 --target /tmp/builder-tools/uv \
       --index-url http://packages.builder.invalid/simple --trusted-host packages.builder.invalid uv==0.13.8 \
  && printf '%s\n' 'tensorflow[and-cuda]==2.18.0' > /tmp/builder-tools/requirements.txt \
  && /tmp/builder-tools/uv/bin/uv pip compile --python python3 --no-header --no-annotate \
@@ -66,8 +67,17 @@ RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY
  && { grep -iv '^nvidia-' /tmp/builder-tools/lock.txt || true; } > /tmp/builder-tools/env.txt \
  && /tmp/builder-tools/uv/bin/uv pip install --python /opt/venv/bin/python --no-deps -r /tmp/builder-tools/env.txt \
  && rm -f /opt/venv/.lock \
- && /opt/venv/bin/pip check \
  && /opt/venv/bin/pip freeze --all > /opt/venv/requirements.lock \
+ && for f in /tmp/builder-tools/lock.txt /opt/venv/requirements.lock; do \
+      sed -n 's/[ ;].*//; y/ABCDEFGHIJKLMNOPQRSTUVWXYZ_/abcdefghijklmnopqrstuvwxyz-/; /^nvidia[-.]/p' "$f" \
+        > "$f.cuda" && sort -o "$f.cuda" "$f.cuda" || exit 1; \
+    done \
+ && if ! cmp -s /tmp/builder-tools/lock.txt.cuda /opt/venv/requirements.lock.cuda; then \
+      echo "the CUDA layer's nvidia-* pins differ from this resolution's:" >&2; \
+      diff /opt/venv/requirements.lock.cuda /tmp/builder-tools/lock.txt.cuda >&2; exit 1; \
+    fi \
+ && rm /opt/venv/requirements.lock.cuda \
+ && /opt/venv/bin/pip check \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
  && rm -rf /tmp/builder-tools \
  && find /opt/venv -exec touch -h -d @0 {} + \

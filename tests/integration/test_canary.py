@@ -179,7 +179,10 @@ def _canary_matrix(work, tmp_path: Path, port: int, token: str) -> Path:
     return path
 
 
-def test_no_build_time_source_reaches_the_image(engine, work, tmp_path):
+@pytest.mark.parametrize("form", ["stage", "direct"])
+def test_no_build_time_source_reaches_the_image(engine, work, tmp_path, form):
+    """`stage`: --no-proxy, pip in a builder stage with the CA bundle and pip.conf; `direct`: the default, uv
+    in the final stage through the package proxy, which holds the sources on the host."""
     canary = {k: f"canary{k}{secrets.token_hex(8)}" for k in (
         "cabundle", "matrixpath", "indexuser", "indexpass", "indexpath", "extrauser", "extrapass", "extrapath",
         "linksdir", "linkswheel", "linksurl", "envsecret", "envtoken")}
@@ -199,13 +202,14 @@ def test_no_build_time_source_reaches_the_image(engine, work, tmp_path):
         env = {"PIP_EXTRA_INDEX_URL": extra, "PIP_FIND_LINKS": "", "BUILDER_CANARY_SECRET": canary["envsecret"],
                "HF_TOKEN": canary["envtoken"]}
         started = time.monotonic()
-        work.cli("build", *CPU_TF, "--force", "--no-proxy", "--ca-bundle", str(ca), "--index-url", index,
+        work.cli("build", *CPU_TF, "--force", *(["--no-proxy"] if form == "stage" else []), "--ca-bundle", str(ca),
+                 "--index-url", index,
                  "--find-links", str(links), "--find-links", f"http://127.0.0.1:{port}/{canary['linksurl']}/",
                  matrix=matrix, env=env, check=True)
         build_s = time.monotonic() - started
     finally:
         forwarder.close()
-    # Each source was really used: the builder stage reached every index and the find-links URL.
+    # Each source was really used: the builder stage or the proxy reached every index and the find-links URL.
     paths = " ".join(p for p, _ in forwarder.seen)
     for key in ("matrixpath", "indexpath", "extrapath", "linksurl"):
         assert f"/{canary[key]}/" in paths, (key, forwarder.seen[:5])
@@ -226,6 +230,7 @@ def test_no_build_time_source_reaches_the_image(engine, work, tmp_path):
     saved = scan_saved(engine, info.id, needles)
     config = json.dumps(engine.api.inspect_image(info.id)).encode()
     history = json.dumps(engine.history(info.id)).encode()
+    assert (b"packages.builder.invalid" in history) == (form == "direct"), "the build took the other form"
     cells, _ = expand(load_matrix(matrix), Selection(framework="tensorflow", framework_version="2.18.0", cuda="cpu",
                                                      python="3.11"))
     bom, counts = sbom.generate(lambda p: engine.read_file(info.id, p), cells[0], info.id, datetime.now(timezone.utc))
@@ -239,7 +244,7 @@ def test_no_build_time_source_reaches_the_image(engine, work, tmp_path):
     assert [w for w in control if w.endswith(".tar (1)") or "layer" in w or "blobs" in w], control
     assert {w.split(" ")[0] for w in control} >= {"config", "history", "sbom"}, control
     leaks = {name: where for name, where in found.items() if where}
-    print(f"\ncanary scan: build {build_s:.0f} s; {saved['layers']} layers, {saved['bytes'] / 1e6:,.0f} MB saved "
+    print(f"\ncanary scan ({form}): build {build_s:.0f} s; {saved['layers']} layers, {saved['bytes'] / 1e6:,.0f} MB saved "
           f"image, config, history and SBOM ({counts['python']} Python, {counts['deb']} deb components) searched "
           f"for {len(needles) - 1} canaries in {scan_s:.0f} s: {sum(len(w) for w in leaks.values())} hit(s) {leaks}; "
           f"the control found in {control}")

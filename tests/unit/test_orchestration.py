@@ -401,17 +401,32 @@ def test_a_failed_build_shows_what_the_proxy_upstream_said(tmp_path):
     import urllib.error
     import urllib.request
 
-    from builder.sources import _token
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    # An index whose page links to a host that refuses connections: the file's fetch fails upstream.
+    (tmp_path / "index" / "simple" / "x").mkdir(parents=True)
+    (tmp_path / "index" / "simple" / "x" / "index.html").write_text(
+        '<a href="http://127.0.0.1:9/x-1.0-py3-none-any.whl">x-1.0-py3-none-any.whl</a>')
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "index")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
 
     def fetch_through_the_proxy(tag, stop):
-        proxy = re.search(r"index-url = (http://[0-9.:]+)/", engine.last_files["sources/pip.conf"].decode())[1]
+        index = re.search(r"index-url = (http://[0-9.:]+/\S*)", engine.last_files["sources/pip.conf"].decode())[1]
+        page = urllib.request.urlopen(f"{index}/x/", timeout=30).read().decode()
+        link = page.split('href="')[1].split('"')[0]
         with pytest.raises(urllib.error.HTTPError):  # pip would see a 502 here, and say little more
-            urllib.request.urlopen(f"{proxy}/files/{_token('http://127.0.0.1:9/x-1.0-py3-none-any.whl')}/"
-                                   "x-1.0-py3-none-any.whl", timeout=30)
+            urllib.request.urlopen(index.split("/simple")[0].rsplit("/", 1)[0] + link, timeout=30)
 
     engine = FakeEngine(failing_builds={CUDA_CELL.tag: "pip: could not fetch x"}, on_build=fetch_through_the_proxy)
     engine.add_image(CUDA_CELL.base.image)
-    options = dataclasses.replace(build_opts(tmp_path), sources=Sources(proxy=True, cache_dir=tmp_path / "c"))
-    [result] = build_cells(engine, [CUDA_CELL], options)
+    sources = Sources.from_env(index_url=f"http://127.0.0.1:{server.server_address[1]}/simple", environ={},
+                               cache_dir=str(tmp_path / "c"))
+    options = dataclasses.replace(build_opts(tmp_path), sources=sources)
+    try:
+        [result] = build_cells(engine, [CUDA_CELL], options)
+    finally:
+        server.shutdown()
     assert result.status == "failed"
     assert "the package proxy's upstream failed: x-1.0-py3-none-any.whl: URLError" in result.error

@@ -103,8 +103,10 @@ def test_proxy_rewrites_pages_and_counts_only_upstream_bytes(upstream, tmp_path)
         assert _get(first.url + href.split("#")[0]) == b"w" * 5000
         assert (first.upstream_bytes, first.cached_bytes) == (5000, 0)
     with PackageProxy([upstream], cache, ssl.create_default_context()) as second:
-        assert _get(second.url + href.split("#")[0]) == b"w" * 5000
-        assert (second.upstream_bytes, second.cached_bytes) == (0, 5000)
+        assert _request(second.url + href.split("#")[0])[0] == 404  # another proxy's link: not followed
+        again = _get(f"{second.url}/0/simple/demo/").decode().split('href="')[1].split("#")[0]
+        assert _get(second.url + again) == b"w" * 5000
+        assert (second.upstream_bytes, second.cached_bytes) == (0, 5000)  # the file is shared through the cache
 
 
 def test_proxy_serves_local_find_links(tmp_path):
@@ -138,15 +140,14 @@ def test_an_upstream_that_breaks_off_mid_download_is_kept_as_an_error(tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Short)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     upstream = f"http://127.0.0.1:{server.server_address[1]}/files/big-1.0-py3-none-any.whl"
-    from builder.sources import _token
 
     try:
         with PackageProxy([], tmp_path / "cache", ssl.create_default_context()) as proxy:
             with pytest.raises(urllib.error.HTTPError) as err:
-                _get(f"{proxy.url}/files/{_token(upstream)}/big-1.0-py3-none-any.whl")
+                _get(f"{proxy.url}/files/{proxy.token(upstream)}/big-1.0-py3-none-any.whl")
             assert err.value.code == 502
             assert len(proxy.errors) == 1 and proxy.errors[0].startswith("big-1.0-py3-none-any.whl: ")
-            assert _token(upstream) not in proxy.errors[0]  # the token encodes the URL: never in a message
+            assert proxy.token(upstream) not in proxy.errors[0]  # the token encodes the URL: never in a message
             assert (proxy.upstream_bytes, proxy.fetched) == (10, {})  # what came down, though none of it is kept
         assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no half file cached
     finally:
@@ -186,6 +187,7 @@ def test_proxy_answers_head_and_byte_ranges_as_uv_asks_them(upstream, tmp_path):
         # All of it came down once in this run: none of it counts as "from cache".
         assert (proxy.upstream_bytes, proxy.cached_bytes) == (5000, 0)
     with PackageProxy([upstream], cache, ssl.create_default_context()) as again:
+        page = _get(f"{again.url}/0/simple/demo/").decode()
         assert _request(again.url + page.split('href="')[1].split("#")[0], range_="bytes=-100")[0] == 206
         assert (again.upstream_bytes, again.cached_bytes) == (0, 100)  # what was sent, not the file's size
 
@@ -263,3 +265,157 @@ def test_uv_toml_says_what_pip_conf_says(tmp_path):
     direct = tomllib.loads(Sources.from_env(find_links=[str(house)], proxy=False, environ={}).context_files(
         None, None)["sources/uv.toml"].decode())["pip"]
     assert direct["index-url"] == PYPI and direct["find-links"] == ["/opt/builder-sources/wheelhouse"]
+
+
+def _serve(handler: type) -> tuple[ThreadingHTTPServer, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_the_proxy_fetches_only_what_its_own_pages_linked(tmp_path):
+    """A /files/ token is the URL signed by this proxy: a build step cannot make the proxy read a host file
+    (file://) or any other address by writing its own token, and a page's file:// link is refused."""
+    import base64
+    import ssl
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host secret")
+    root = tmp_path / "index"
+    (root / "simple" / "demo").mkdir(parents=True)
+    (root / "simple" / "demo" / "index.html").write_text(f'<a href="file://{secret}">demo-1.0-py3-none-any.whl</a>')
+    server, base = _serve(partial(SimpleHTTPRequestHandler, directory=str(root)))
+    try:
+        with PackageProxy([f"{base}/simple"], tmp_path / "cache", ssl.create_default_context()) as proxy:
+            unsigned = base64.urlsafe_b64encode(f"file://{secret}".encode()).decode().rstrip("=")
+            for token in (unsigned, unsigned + ".0123", "!!not-base64"):
+                status, _, body = _request(f"{proxy.url}/files/{token}/x.whl")
+                assert (status, body) == (404, b""), token
+            page = _get(f"{proxy.url}/0/simple/demo/").decode()
+            status, _, body = _request(proxy.url + page.split('href="')[1].split('"')[0])
+            assert status == 502 and b"host secret" not in body
+            assert proxy.errors and "not an http(s) URL" in proxy.errors[-1]
+            for path in ("/simple/../etc/", "/0/simple/demo/extra/", "/simple/a%2F..%2Fb/"):
+                assert _request(proxy.url + path)[0] == 404, path
+    finally:
+        server.shutdown()
+
+
+def test_index_credentials_go_to_their_host_only_and_never_into_a_link(tmp_path):
+    """An index given as https://user:password@host/simple: urllib alone does not send them (it took the
+    user:password@ for part of the host name). The proxy sends them as Basic auth to that host, and its pages'
+    links (which the build sees) carry none."""
+    import base64
+    import ssl
+    from http.server import BaseHTTPRequestHandler
+
+    seen: list[tuple[str, str | None]] = []
+    wanted = "Basic " + base64.b64encode(b"me:s3cr%t").decode()
+
+    class Private(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            if self.headers.get("Authorization") != wanted:
+                self.send_error(401)
+                return
+            body = (b'<a href="/f/demo-1.0-py3-none-any.whl">demo-1.0-py3-none-any.whl</a>' if self.path.startswith(
+                "/simple/") else b"wheel")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server, base = _serve(Private)
+    index = base.replace("http://", "http://me:s3cr%25t@") + "/simple"
+    try:
+        with PackageProxy([index], tmp_path / "cache", ssl.create_default_context()) as proxy:
+            page = _get(f"{proxy.url}/simple/demo/").decode()
+            assert "s3cr" not in page and "me:" not in page
+            token = page.split('href="')[1].split("/")[2]
+            assert "s3cr" not in base64.urlsafe_b64decode(token.split(".")[0] + "==").decode()
+            assert _get(proxy.url + page.split('href="')[1].split('"')[0]) == b"wheel"
+        assert [a for _, a in seen] == [wanted, wanted]
+    finally:
+        server.shutdown()
+
+
+def test_merged_page_skips_an_index_that_refuses_and_reads_find_links_by_file_name(tmp_path):
+    """PyTorch's indexes answer 403 for a project they do not host, which must not fail the merged page; a
+    find-links page whose link text is a path with `+` as %2B (torch_stable.html) still offers its file."""
+    import ssl
+    from http.server import BaseHTTPRequestHandler
+
+    wheel = "demo-1.0%2Bcu121-py3-none-any.whl"
+    counts = {"links": 0}
+
+    class Pages(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/refuses/"):
+                self.send_error(403)
+                return
+            if self.path.startswith("/links"):
+                counts["links"] += 1
+                body = (f'<a href="cu121/{wheel}">cu121/{wheel}</a>\n'
+                        '<a href="cu121/other-2.0-py3-none-any.whl">cu121/other-2.0-py3-none-any.whl</a>').encode()
+            else:
+                body = b'<a href="/f/demo-0.9-py3-none-any.whl">demo-0.9-py3-none-any.whl</a>'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server, base = _serve(Pages)
+    try:
+        with PackageProxy([f"{base}/refuses", f"{base}/simple"], tmp_path / "cache", ssl.create_default_context(),
+                          remote_links=(f"{base}/links.html",)) as proxy:
+            page = _get(f"{proxy.url}/simple/demo/").decode()
+            assert "demo-0.9-py3-none-any.whl" in page and wheel in page and "other-2.0" not in page
+            _get(f"{proxy.url}/simple/demo/")
+            assert counts["links"] == 1  # the find-links page is read once per proxy
+            assert _request(f"{proxy.url}/0/simple/demo/")[0] == 403  # one index's own page: its own answer
+    finally:
+        server.shutdown()
+
+
+def test_proxy_edges_pip_and_uv_reach(upstream, tmp_path):
+    """A reversed range is no range (the whole file); the packages host with its default port :80 is the
+    same host; a local wheel asked for with `+` as %2B is found."""
+    import ssl
+
+    house = tmp_path / "house"
+    house.mkdir()
+    (house / "demo-2.0+local-py3-none-any.whl").write_bytes(b"local")
+    with PackageProxy([upstream], tmp_path / "cache", ssl.create_default_context(), [house]) as proxy:
+        page = _get(f"{proxy.url}/0/simple/demo/").decode()
+        url = proxy.url + page.split('href="')[1].split("#")[0]
+        status, _, body = _request(url, range_="bytes=10-5")
+        assert (status, len(body)) == (200, 5000)
+        assert _get(f"{proxy.url}/links/0/demo-2.0%2Blocal-py3-none-any.whl") == b"local"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.url}))
+        with opener.open("http://packages.builder.invalid:80/simple/demo/", timeout=10) as resp:
+            assert b"demo-1.0-py3-none-any.whl" in resp.read()
+
+
+def test_a_client_that_hangs_up_is_no_upstream_failure(tmp_path):
+    """uv cancels requests it no longer needs: the proxy's write then fails, which is not the upstream's
+    failure and must not reach the build's error message."""
+    import socket
+    import ssl
+    import time
+
+    house = tmp_path / "house"
+    house.mkdir()
+    (house / "big-1.0-py3-none-any.whl").write_bytes(b"b" * (64 << 20))
+    with PackageProxy([], tmp_path / "cache", ssl.create_default_context(), [house]) as proxy:
+        host, port = proxy.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"GET /links/0/big-1.0-py3-none-any.whl HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(1024).startswith(b"HTTP/1.0 200")
+        time.sleep(1)
+        assert proxy.errors == []
