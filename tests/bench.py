@@ -555,6 +555,39 @@ def installer_row(bench: Bench, cell: dict[str, Any], image: str) -> Row:
                     "and Python; neither compiles .pyc")
 
 
+def load_row(bench: Bench, cell: dict[str, Any], naive_warm: float) -> Row:
+    """What assembling the image outside the engine (jib, ko, apko, nix dockerTools) could cost at best: the
+    engine ingesting the image's layers as tarballs (`docker load` of its `docker save`), no install, no
+    commit, against the naive recipe's warm build. The image is removed before the load and comes back with
+    the same id. Layers another image holds as well are not extracted again: the row names how many."""
+    image = bench.image(cell["tag"])
+    if image is None:
+        return Row(name=LOAD_ROW, figure=None, baseline=naive_warm, unit="s", target="-", limit=None, runs="-",
+                   how="not measured", note="the cell's image is gone")
+    mine = list(image.attrs["RootFS"]["Layers"])
+    others = {layer for other in bench.client.images.list(all=True) if other.id != image.id
+              for layer in other.attrs["RootFS"].get("Layers") or []}
+    shared = [layer for layer in mine if layer in others]
+    tar = bench.work / "image.tar"
+    with tar.open("wb") as out:
+        for chunk in image.save(named=True):
+            out.write(chunk)
+    size = tar.stat().st_size
+    bench.client.images.remove(str(image.id), force=True)
+    started = time.monotonic()
+    with tar.open("rb") as data:
+        bench.client.images.load(data)
+    took = time.monotonic() - started
+    tar.unlink()
+    return Row(name=LOAD_ROW, figure=took, baseline=naive_warm, unit="s", target="compare with the warm build",
+               limit=None, runs="1 run", how="measured (`docker load` of the image's `docker save`)",
+               note=f"{size / 1e6:,.0f} MB of tarball, {len(mine)} layers, of which {len(shared)} (the base's and "
+                    "any another image holds) were not extracted again; baseline: the naive warm build above")
+
+
+LOAD_ROW = "layers loaded, not built (the floor of daemonless assembly)"
+
+
 def naive_tag(cell: dict[str, Any]) -> str:
     return f"{REPOSITORY}-naive/{cell['tag'].split('/', 1)[1]}"
 
@@ -621,6 +654,7 @@ def main(select: list[str]) -> int:
                 note="the naive recipe has no package cache: its warm build downloads everything again; where "
                      f"builder's time went: {decomposition(warm_steps)}"),
         ]
+        rows.append(load_row(bench, one[0], n_warm))
         pair = bench.sibling_pair(one[0], first, cold)  # after the warm build: the cache holds the cell's files
     # What a no-op needs: the cell built on both sides (not timed).
     bench.cli("build", *sel1)
@@ -813,7 +847,7 @@ def cleanup(bench: Bench, keep: list[str]) -> None:
         keep = []
     for image in bench.client.images.list(filters={"label": NAIVE_LABEL}):
         if not any(f"{REPOSITORY}-naive/{t.split('/', 1)[1]}" in image.tags for t in keep):
-            bench.client.images.remove(image.id, force=True)
+            bench.client.images.remove(str(image.id), force=True)
     subprocess.run([sys.executable, "-m", "builder", "--matrix", str(bench.small), "clean"], cwd=ROOT,
                    capture_output=True)
     if not keep:

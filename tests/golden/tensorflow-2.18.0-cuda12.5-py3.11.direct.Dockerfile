@@ -39,6 +39,7 @@ RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY
  && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --timeout 300 --target /tmp/builder-tools/uv \
       --index-url http://packages.builder.invalid/simple --trusted-host packages.builder.invalid uv==0.13.8 \
  && printf '%s\n' 'tensorflow[and-cuda]==2.18.0' > /tmp/builder-tools/requirements.txt \
+ && /tmp/builder-tools/bin/pip freeze --all > /tmp/builder-tools/lock.txt \
  && /tmp/builder-tools/uv/bin/uv pip compile --python python3 --no-header --no-annotate \
       -o /tmp/builder-tools/lock.txt /tmp/builder-tools/requirements.txt \
  && if grep -i '^nvidia-' /tmp/builder-tools/lock.txt > /tmp/builder-tools/cuda.txt; then \
@@ -57,6 +58,7 @@ RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY
  && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --timeout 300 --target /tmp/builder-tools/uv \
       --index-url http://packages.builder.invalid/simple --trusted-host packages.builder.invalid uv==0.13.8 \
  && printf '%s\n' 'tensorflow[and-cuda]==2.18.0' > /tmp/builder-tools/requirements.txt \
+ && /tmp/builder-tools/bin/pip freeze --all > /tmp/builder-tools/lock.txt \
  && /tmp/builder-tools/uv/bin/uv pip compile --python python3 --no-header --no-annotate \
       -o /tmp/builder-tools/lock.txt /tmp/builder-tools/requirements.txt \
  && python3 -m venv /opt/venv \

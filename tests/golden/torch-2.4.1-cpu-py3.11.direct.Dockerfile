@@ -37,6 +37,7 @@ RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY
  && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --timeout 300 --target /tmp/builder-tools/uv \
       --index-url http://packages.builder.invalid/simple --trusted-host packages.builder.invalid uv==0.13.8 \
  && printf '%s\n' 'torch==2.4.1' 'torchvision==0.19.1' > /tmp/builder-tools/requirements.txt \
+ && /tmp/builder-tools/bin/pip freeze --all > /tmp/builder-tools/lock.txt \
  && /tmp/builder-tools/uv/bin/uv pip compile --python python3 --no-header --no-annotate \
       -o /tmp/builder-tools/lock.txt /tmp/builder-tools/requirements.txt \
  && python3 -m venv /opt/venv \

@@ -114,8 +114,10 @@ def test_interrupted_build_leaves_no_containers(engine, work, torch_built):
     def installing() -> bool:  # uv has resolved and is installing inside a RUN container
         return log.exists() and "Resolved " in log.read_text() and bool(managed_containers(engine))
 
-    code, err = interrupt_when(work, ["build", *TORCH, "--force", "--cache-dir", str(work.cache)], installing,
-                               "its install step")
+    # --no-cache: every step of the direct form is in the engine's layer cache, so a forced rebuild alone would
+    # run no RUN at all (and finish, replacing the image the certify tests then look for).
+    code, err = interrupt_when(work, ["build", *TORCH, "--force", "--no-cache", "--cache-dir", str(work.cache)],
+                               installing, "its install step")
     assert code == 130, err
     assert "interrupted" in err
     assert managed_containers(engine) == []

@@ -398,10 +398,9 @@ def test_a_pulled_image_is_probed_for_gpus_as_it_is(tmp_path):
 
 def test_a_failed_build_shows_what_the_proxy_upstream_said(tmp_path):
     import re
+    import threading
     import urllib.error
     import urllib.request
-
-    import threading
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
