@@ -54,8 +54,8 @@ APT_SOURCES = ("/etc/apt/sources.list", "/etc/apt/sources.list.d/debian.sources"
                "/etc/apt/sources.list.d/ubuntu.sources")
 _HREF = re.compile(r'href="([^"]*)"')
 _ANCHOR = re.compile(r"<a\s[^>]*>.*?</a>", re.IGNORECASE | re.DOTALL)
-# A project's name as a simple index's URL names it: one path segment, nothing to climb out of it with.
-_PROJECT = re.compile(r"[A-Za-z0-9._-]+")
+# A project's name as a simple index's URL names it (PEP 508): one path segment, and never `.` or `..`.
+_PROJECT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 _HTTP_HOST = re.compile(r"\bhttp://([A-Za-z0-9.-]+(?::[0-9]+)?)(?=[/\s]|$)", re.ASCII)
 
 
@@ -289,6 +289,21 @@ def _split_auth(url: str) -> tuple[str, str | None]:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), f"Basic {basic}"
 
 
+class _SameHostAuth(urllib.request.HTTPRedirectHandler):
+    """An index's Authorization follows a redirect within its own scheme and host (a trailing slash, a
+    normalized name), as pip's does, and never one to another host."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        if new is not None and auth:
+            old, to = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(new.full_url)
+            if (old.scheme, old.netloc.lower()) == (to.scheme, to.netloc.lower()):
+                new.add_unredirected_header("Authorization", auth)
+        return new
+
+
 class _ClientGone(Exception):
     """The client hung up while it was being answered (uv cancels prefetches): no upstream failure."""
 
@@ -347,15 +362,17 @@ class PackageProxy:
         # /files/ tokens are signed with a key of this proxy's own: it fetches only what its pages linked, never
         # a URL (file://, a metadata address) that a build step made up.
         self._key = os.urandom(16)
-        # Credentials of an index or find-links URL, sent (never through a redirect) to that host alone, as pip
-        # sends them; the URLs themselves, and so the file tokens, carry none.
-        self._auth: dict[tuple[str, str], str] = {}
-        for url in [*upstreams, *self.remote_links]:
-            bare, auth = _split_auth(url)
-            if auth:
-                parts = urllib.parse.urlsplit(bare)
-                self._auth[(parts.scheme, parts.netloc.lower())] = auth
+        # Where each page comes from: the indexes, then the find-links pages, each with its credentials. A file
+        # token names its page's source, so that a file gets the credentials of the index that linked it (two
+        # indexes on one host may hold different ones), and only on that index's scheme and host, as pip does.
+        self._sources = [_split_auth(url) for url in [*upstreams, *self.remote_links]]
         self._link_pages: dict[str, str] = {}  # a find-links page, fetched once per proxy
+        # http(s) only, even through a redirect (no file:, ftp: or data: handler).
+        self._opener = urllib.request.OpenerDirector()
+        for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
+                        urllib.request.HTTPDefaultErrorHandler(), _SameHostAuth(),
+                        urllib.request.HTTPErrorProcessor(), urllib.request.HTTPSHandler(context=context)):
+            self._opener.add_handler(handler)
 
     @property
     def url(self) -> str:
@@ -411,47 +428,59 @@ class PackageProxy:
             self._server.shutdown()
             self._server.server_close()
 
-    def token(self, url: str) -> str:
-        """The /files/ path segment for `url`: the URL itself, signed by this proxy."""
-        mac = hmac.new(self._key, url.encode(), hashlib.sha256).hexdigest()[:32]
-        return base64.urlsafe_b64encode(url.encode()).decode().rstrip("=") + "." + mac
+    def token(self, url: str, source: int | None = None) -> str:
+        """The /files/ path segment for `url`, linked from a page of `source` (an index or find-links page):
+        both, signed by this proxy."""
+        payload = f"{url}\n{'' if source is None else source}"
+        mac = hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()[:32]
+        return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=") + "." + mac
 
-    def untoken(self, token: str) -> str | None:
-        """The URL a token of this proxy names; None for anything else (forged, another proxy's, garbled)."""
+    def untoken(self, token: str) -> tuple[str, int | None] | None:
+        """The URL and source a token of this proxy names; None for anything else (forged, another proxy's,
+        garbled)."""
         encoded, _, mac = token.partition(".")
         try:
-            url = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            url, _, source = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode().partition("\n")
+            index = int(source) if source else None
         except (ValueError, UnicodeDecodeError):
             return None
-        return url if hmac.compare_digest(mac, self.token(url).partition(".")[2]) else None
+        expected = self.token(url, index).partition(".")[2]
+        return (url, index) if mac.isascii() and hmac.compare_digest(mac, expected) else None
 
-    def _open(self, url: str, accept: str) -> Any:
-        url, auth = _split_auth(url)
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise ValueError(f"not an http(s) URL: {parts.scheme}:")
+    def _auth_for(self, url: str, source: int | None) -> str | None:
+        """The credentials of `source` where `url` is on its scheme and host; None elsewhere."""
+        if source is None or not 0 <= source < len(self._sources):
+            return None
+        home, auth = self._sources[source]
+        a, b = urllib.parse.urlsplit(home), urllib.parse.urlsplit(url)
+        return auth if (a.scheme, a.netloc.lower()) == (b.scheme, b.netloc.lower()) else None
+
+    def _open(self, url: str, accept: str, auth: str | None = None) -> Any:
+        """`url` upstream; its own user:password@, else `auth`, go as Basic auth to its host alone."""
+        url, own = _split_auth(url)
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError(f"not an http(s) URL: {urllib.parse.urlsplit(url).scheme}:")
         request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": "builder-proxy"})
-        auth = auth or self._auth.get((parts.scheme, parts.netloc.lower()))
-        if auth:
-            request.add_unredirected_header("Authorization", auth)
-        return urllib.request.urlopen(request, timeout=120, context=self.context)
+        if own or auth:
+            request.add_unredirected_header("Authorization", own or auth or "")
+        return self._opener.open(request, timeout=120)
 
     def _handle(self, req: BaseHTTPRequestHandler) -> None:
-        path = req.path
-        if path.startswith("http://"):  # asked as a forward proxy (http_proxy): a direct build, or apt
-            target = urllib.parse.urlsplit(path)
-            if target.hostname == PACKAGES_HOST and target.port in (None, 80):
-                path = target.path + (f"?{target.query}" if target.query else "")
-        parts = path.split("?")[0].strip("/").split("/")
+        path, parts = req.path, []
         try:
+            if path.startswith("http://"):  # asked as a forward proxy (http_proxy): a direct build, or apt
+                target = urllib.parse.urlsplit(path)
+                if target.hostname == PACKAGES_HOST and target.port in (None, 80):
+                    path = target.path + (f"?{target.query}" if target.query else "")
+            parts = path.split("?")[0].strip("/").split("/")
             if path.startswith("http://"):
                 self._apt(req, path)
             elif len(parts) == 2 and parts[0] == "simple":  # every index and find-links as one (a direct build)
                 self._page(req, list(range(len(self.upstreams))), parts[1], merged=True)
             elif len(parts) == 3 and parts[0].isdigit() and parts[1] == "simple":
                 self._page(req, [int(parts[0])], parts[2])
-            elif len(parts) == 3 and parts[0] == "files" and (upstream := self.untoken(parts[1])) is not None:
-                self._file(req, upstream, parts[2])
+            elif len(parts) == 3 and parts[0] == "files" and (signed := self.untoken(parts[1])) is not None:
+                self._file(req, *signed, parts[2])
             elif len(parts) in (2, 3) and parts[0] == "links" and parts[1].isdigit():
                 self._link(req, int(parts[1]), parts[2] if len(parts) == 3 else None)
             else:
@@ -477,18 +506,21 @@ class PackageProxy:
         bodies: list[str] = []
         for i in indexes:
             try:
-                bodies.append(self._rewritten(f"{self.upstreams[i]}/{project}/"))
+                bodies.append(self._rewritten(f"{self.upstreams[i]}/{project}/", i))
             except urllib.error.HTTPError as exc:
-                # A project one index lacks is no error of the merged page: 404, or 403 from PyTorch's indexes.
-                if not merged or exc.code not in (403, 404):
+                # A project one index lacks is no error of the merged page: 404, or 403 from an index that needs no
+                # credentials (PyTorch's). A 403 with credentials is theirs: an error, never a silent fall-back.
+                if not merged or not (exc.code == 404 or (exc.code == 403 and self._sources[i][1] is None)):
                     raise
+                log.debug("proxy: index %d has no %s (%d)", i, project, exc.code)
         if not merged:
             self._send(req, bodies[0].encode(), "text/html; charset=utf-8")
             return
         name = _normalize(project)
         anchors = [a for body in bodies for a in _ANCHOR.findall(body)]
-        for link in self.remote_links:  # find-links pages: only the files of this project, by their file names
-            anchors += [a for a in _ANCHOR.findall(self._link_page(link)) if _project_of(_file_name(a)) == name]
+        for j, link in enumerate(self.remote_links):  # find-links pages: only this project's files, by file name
+            page = self._link_page(link, len(self.upstreams) + j)
+            anchors += [a for a in _ANCHOR.findall(page) if _project_of(_file_name(a)) == name]
         for i, folder in enumerate(self.links):
             anchors += [f'<a href="/links/{i}/{p.name}">{p.name}</a>' for p in sorted(folder.iterdir())
                         if p.is_file() and _project_of(p.name) == name]
@@ -498,23 +530,27 @@ class PackageProxy:
         page = "<!DOCTYPE html>\n<html><body>\n" + "<br/>\n".join(anchors) + "\n</body></html>\n"
         self._send(req, page.encode(), "text/html; charset=utf-8")
 
-    def _link_page(self, url: str) -> str:
-        """A find-links page, rewritten, once per proxy (every project's page reads it)."""
+    def _link_page(self, url: str, source: int) -> str:
+        """A find-links page, rewritten, once per proxy (every project's page reads it). One that cannot be read
+        offers nothing, as pip skips it with a warning; its error is kept for the build's message."""
         with self._lock:
             page = self._link_pages.get(url)
         if page is None:
             try:
-                page = self._rewritten(url)
-            except urllib.error.HTTPError as exc:
-                if exc.code not in (403, 404):
-                    raise
+                page = self._rewritten(url, source)
+            except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
                 page = ""
+                with self._lock:
+                    # By its number: the URL may hold a token or credentials.
+                    self.errors.append(f"find-links page {source - len(self.upstreams) + 1}: "
+                                       f"{type(exc).__name__}: {exc}")
             with self._lock:
                 self._link_pages[url] = page
         return page
 
-    def _rewritten(self, page_url: str) -> str:
-        """The page at `page_url`, each of its links made a link to this proxy's cache."""
+    def _rewritten(self, page_url: str, source: int) -> str:
+        """The page at `page_url` (of index or find-links page `source`), each of its links made a link to this
+        proxy's cache."""
         with self._open(page_url, "text/html") as resp:
             body = resp.read().decode("utf-8", "replace")
             page_url = resp.geturl()
@@ -528,7 +564,7 @@ class PackageProxy:
                 return match[0]
             absolute, _, fragment = urllib.parse.urljoin(page_url, href).partition("#")
             name = absolute.rsplit("/", 1)[-1]
-            return f'href="/files/{self.token(absolute)}/{name}' + (f"#{fragment}" if fragment else "") + '"'
+            return f'href="/files/{self.token(absolute, source)}/{name}' + (f"#{fragment}" if fragment else "") + '"'
 
         # One pass over the page: a str.replace per link was quadratic (grpcio's page, 11,282 links: 28 s).
         return _HREF.sub(local, body)
@@ -622,13 +658,13 @@ class PackageProxy:
             self.upstream_bytes += len(data)
         self._send(req, data, kind)
 
-    def _file(self, req: BaseHTTPRequestHandler, upstream: str, name: str) -> None:
+    def _file(self, req: BaseHTTPRequestHandler, upstream: str, source: int | None, name: str) -> None:
         base = upstream.rsplit("/", 1)[-1]
-        if name != base and name.startswith(base):  # e.g. the PEP 658 `.metadata` beside a wheel
-            upstream += name[len(base):]
-        self._cached(req, upstream, name)
+        if base and name == f"{base}.metadata":  # the PEP 658 metadata beside a wheel: nothing else is added
+            upstream += ".metadata"
+        self._cached(req, upstream, name, self._auth_for(upstream, source))
 
-    def _cached(self, req: BaseHTTPRequestHandler, upstream: str, name: str) -> None:
+    def _cached(self, req: BaseHTTPRequestHandler, upstream: str, name: str, auth: str | None = None) -> None:
         """`upstream` from the shared cache, downloading it first if this is the first time."""
         key = hashlib.sha256(upstream.encode()).hexdigest()
         path = self.cache_dir / key[:2] / f"{key[2:16]}-{name}"
@@ -636,7 +672,7 @@ class PackageProxy:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
             try:
-                with os.fdopen(fd, "wb") as out, self._open(upstream, "*/*") as resp:
+                with os.fdopen(fd, "wb") as out, self._open(upstream, "*/*", auth) as resp:
                     # Counted as it arrives: the build's progress line moves during a 800 MB wheel, not after it.
                     while chunk := resp.read(1 << 20):
                         out.write(chunk)

@@ -295,31 +295,63 @@ def test_the_proxy_fetches_only_what_its_own_pages_linked(tmp_path):
             status, _, body = _request(proxy.url + page.split('href="')[1].split('"')[0])
             assert status == 502 and b"host secret" not in body
             assert proxy.errors and "not an http(s) URL" in proxy.errors[-1]
-            for path in ("/simple/../etc/", "/0/simple/demo/extra/", "/simple/a%2F..%2Fb/"):
+            for path in ("/simple/../etc/", "/0/simple/demo/extra/", "/simple/a%2F..%2Fb/", "/simple/../",
+                         "/0/simple/./", "/simple/-demo/"):
                 assert _request(proxy.url + path)[0] == 404, path
+            # A signed link's name may add `.metadata` (PEP 658) and nothing else: not another host or path.
+            signed = proxy.token(f"{base}/files/demo")
+            for name in ("demo.evil.example", "demo@evil.example", "demo/../../secret.txt", "demo.metadataX"):
+                assert _request(f"{proxy.url}/files/{signed}/{name}")[0] in (404, 502), name
+            assert all(not line.endswith(("evil.example", "secret.txt", "metadataX")) for line in proxy.errors)
     finally:
         server.shutdown()
 
 
 def test_index_credentials_go_to_their_host_only_and_never_into_a_link(tmp_path):
-    """An index given as https://user:password@host/simple: urllib alone does not send them (it took the
-    user:password@ for part of the host name). The proxy sends them as Basic auth to that host, and its pages'
-    links (which the build sees) carry none."""
+    """Indexes given as http://user:password@host/...: urllib alone does not send them (it takes the
+    user:password@ for part of the host name). The proxy sends each index's own as Basic auth, to its files too
+    (two indexes on one host, two tokens), through a redirect on that host, never to another host, and its
+    pages' links (which the build sees) carry none."""
     import base64
     import ssl
     from http.server import BaseHTTPRequestHandler
 
     seen: list[tuple[str, str | None]] = []
-    wanted = "Basic " + base64.b64encode(b"me:s3cr%t").decode()
+    creds = {"a": "Basic " + base64.b64encode(b"me:s3cr%t").decode(), "b": "Basic " + base64.b64encode(b"u2:p2").decode()}
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((f"elsewhere{self.path}", self.headers.get("Authorization")))
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"moved")
+
+        def log_message(self, *args):
+            pass
+
+    other, other_base = _serve(Elsewhere)
 
     class Private(BaseHTTPRequestHandler):
         def do_GET(self):
             seen.append((self.path, self.headers.get("Authorization")))
-            if self.headers.get("Authorization") != wanted:
+            index = self.path.split("/")[1]
+            if self.headers.get("Authorization") != creds.get(index):
                 self.send_error(401)
                 return
-            body = (b'<a href="/f/demo-1.0-py3-none-any.whl">demo-1.0-py3-none-any.whl</a>' if self.path.startswith(
-                "/simple/") else b"wheel")
+            if self.path.endswith("/go"):  # a redirect within the host, then one to another host
+                self.send_response(302)
+                self.send_header("Location", f"/{index}/f/{index}-1.0-py3-none-any.whl" if index == "a"
+                                 else f"{other_base}/x-1.0-py3-none-any.whl")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if "/simple/" in self.path and self.path != f"/{index}/simple/{index}/":  # each index has one project
+                self.send_error(404)
+                return
+            body = (f'<a href="/{index}/f/{index}-1.0-py3-none-any.whl">{index}-1.0-py3-none-any.whl</a>'
+                    f'<a href="/{index}/go">{index}-2.0-py3-none-any.whl</a>' if "/simple/" in self.path
+                    else f"wheel {index}").encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -329,15 +361,87 @@ def test_index_credentials_go_to_their_host_only_and_never_into_a_link(tmp_path)
             pass
 
     server, base = _serve(Private)
-    index = base.replace("http://", "http://me:s3cr%25t@") + "/simple"
+    index_a = base.replace("http://", "http://me:s3cr%25t@") + "/a/simple"
+    index_b = base.replace("http://", "http://u2:p2@") + "/b/simple"
     try:
-        with PackageProxy([index], tmp_path / "cache", ssl.create_default_context()) as proxy:
-            page = _get(f"{proxy.url}/simple/demo/").decode()
-            assert "s3cr" not in page and "me:" not in page
-            token = page.split('href="')[1].split("/")[2]
-            assert "s3cr" not in base64.urlsafe_b64decode(token.split(".")[0] + "==").decode()
-            assert _get(proxy.url + page.split('href="')[1].split('"')[0]) == b"wheel"
-        assert [a for _, a in seen] == [wanted, wanted]
+        with PackageProxy([index_a, index_b], tmp_path / "cache", ssl.create_default_context()) as proxy:
+            for index in ("a", "b"):
+                page = _get(f"{proxy.url}/simple/{index}/").decode()
+                assert "s3cr" not in page and "me:" not in page and "p2" not in page
+                links = [part.split('"')[0] for part in page.split('href="')[1:]]
+                for link in links:
+                    token = link.split("/")[2]
+                    assert "s3cr" not in base64.urlsafe_b64decode(token.split(".")[0] + "==").decode()
+                assert _get(proxy.url + links[0]) == f"wheel {index}".encode()
+                assert _get(proxy.url + links[1]) == (b"wheel a" if index == "a" else b"moved")
+        sent = dict(seen)
+        assert sent["/a/simple/a/"] == sent["/a/f/a-1.0-py3-none-any.whl"] == sent["/a/go"] == creds["a"]
+        assert sent["/b/simple/b/"] == sent["/b/f/b-1.0-py3-none-any.whl"] == sent["/b/go"] == creds["b"]
+        assert sent["elsewhere/x-1.0-py3-none-any.whl"] is None  # the redirect to another host went without
+        assert [a for p, a in seen if p == "/a/f/a-1.0-py3-none-any.whl"] == [creds["a"], creds["a"]]
+    finally:
+        server.shutdown()
+        other.shutdown()
+
+
+def test_a_find_links_page_that_fails_offers_nothing_and_is_named(tmp_path):
+    """pip skips a find-links page it cannot read, with a warning: the merged page still answers from the
+    indexes, and the proxy keeps the error (by the page's number, not its URL) for the build's message."""
+    import ssl
+    from http.server import BaseHTTPRequestHandler
+
+    class Pages(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/links"):
+                self.send_error(401)
+                return
+            body = b'<a href="/f/demo-0.9-py3-none-any.whl">demo-0.9-py3-none-any.whl</a>'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server, base = _serve(Pages)
+    try:
+        with PackageProxy([f"{base}/simple"], tmp_path / "cache", ssl.create_default_context(),
+                          remote_links=(f"{base}/links/secret-token/",)) as proxy:
+            assert "demo-0.9" in _get(f"{proxy.url}/simple/demo/").decode()
+            assert proxy.errors == ["find-links page 1: HTTPError: HTTP Error 401: Unauthorized"]
+    finally:
+        server.shutdown()
+
+
+def test_a_403_from_an_index_with_credentials_is_an_error_not_a_fall_back(tmp_path):
+    """A private index that refuses its credentials must not drop out of the merged page silently (PyPI's
+    project of the same name would be served instead); a 403 from an index without any is skipped."""
+    import ssl
+    from http.server import BaseHTTPRequestHandler
+
+    class Refuses(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/private/") or self.path.startswith("/public-403/"):
+                self.send_error(403)
+                return
+            body = b'<a href="/f/demo-0.9-py3-none-any.whl">demo-0.9-py3-none-any.whl</a>'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server, base = _serve(Refuses)
+    private = base.replace("http://", "http://u:expired@") + "/private"
+    try:
+        with PackageProxy([f"{base}/public-403", f"{base}/simple"], tmp_path / "c1",
+                          ssl.create_default_context()) as proxy:
+            assert _request(f"{proxy.url}/simple/demo/")[0] == 200
+        with PackageProxy([private, f"{base}/simple"], tmp_path / "c2", ssl.create_default_context()) as proxy:
+            assert _request(f"{proxy.url}/simple/demo/")[0] == 403
     finally:
         server.shutdown()
 
