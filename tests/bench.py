@@ -14,6 +14,8 @@ are noise, so every figure is a ratio against that baseline measured in the same
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import json
 import os
@@ -26,7 +28,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +252,7 @@ class Refetched:
     cp: dict[str, int]  # a cp-tagged wheel of a project the first fetched for another CPython: expected
     same: dict[str, int]  # a file the first fetched already: the cache missed
     versions: dict[str, int]  # another file of a project the first fetched (another version, not cp-tagged)
+    python: dict[str, int] = field(default_factory=dict)  # another version: the first's excludes this Python
     debs: dict[str, int]  # another .deb of a package the first's apt fetched: the sibling's base is another release
     new: dict[str, int]  # of projects the first never fetched (a backport for this Python, that Python's .debs)
 
@@ -260,17 +263,40 @@ class Refetched:
         return not self.same and not self.versions
 
 
-def twice_fetched(first: dict[str, int], second: dict[str, int]) -> Refetched:
+def twice_fetched(first: dict[str, int], second: dict[str, int], python: str | None = None,
+                  requires_python: Callable[[str], str | None] = lambda name: None) -> Refetched:
     """Split what the second cell fetched upstream (its record's `fetched_files`) by what the first fetched. The
     same file name twice means the cache missed, whatever its tag; a cp-tagged file of a project the first had
-    as another file is the one thing a Python-only sibling must fetch again."""
-    projects = {project_of(name) for name in first}
-    parts: dict[str, dict[str, int]] = {"cp": {}, "same": {}, "versions": {}, "debs": {}, "new": {}}
+    as another file is what a Python-only sibling must fetch again, and so is another version of a pure wheel
+    where the first's version does not install on the sibling's `python` (`requires_python` of the first's file
+    name: its Requires-Python, None where unknown)."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    was = {project_of(name): name for name in first}
+    parts: dict[str, dict[str, int]] = {"cp": {}, "same": {}, "versions": {}, "python": {}, "debs": {}, "new": {}}
     for name, size in second.items():
-        part = ("same" if name in first else "new" if project_of(name) not in projects else
+        part = ("same" if name in first else "new" if project_of(name) not in was else
                 "cp" if CP_TAG.search(name) else "debs" if name.endswith(".deb") else "versions")
+        if part == "versions" and python and (spec := requires_python(was[project_of(name)])):
+            with contextlib.suppress(InvalidSpecifier):
+                part = "versions" if SpecifierSet(spec).contains(python) else "python"
         parts[part][name] = size
     return Refetched(**parts)
+
+
+def pypi_requires_python(filename: str) -> str | None:
+    """A wheel's Requires-Python as PyPI's JSON API gives it for that very file; None where unknown."""
+    import urllib.request
+
+    from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+    try:
+        name, version, _, _ = parse_wheel_filename(filename)
+        with urllib.request.urlopen(f"https://pypi.org/pypi/{name}/json", timeout=30) as resp:
+            files = json.load(resp)["releases"].get(str(version)) or []
+    except (InvalidWheelFilename, OSError, ValueError, KeyError):
+        return None
+    return next((str(f.get("requires_python") or "") or None for f in files if f.get("filename") == filename), None)
 
 
 # The diff id of a layer that changes nothing (an empty tar): a RUN that wrote no file makes one, of 0 bytes.
@@ -565,7 +591,11 @@ def load_row(bench: Bench, cell: dict[str, Any], naive_warm: float) -> Row:
         return Row(name=LOAD_ROW, figure=None, baseline=naive_warm, unit="s", target="-", limit=None, runs="-",
                    how="not measured", note="the cell's image is gone")
     mine = list(image.attrs["RootFS"]["Layers"])
-    others = {layer for other in bench.client.images.list(all=True) if other.id != image.id
+    own, parent = {image.id}, image.attrs.get("Parent") or ""
+    while parent:  # the classic builder's intermediate images: the image's own chain, removed with it
+        own.add(parent)
+        parent = bench.client.api.inspect_image(parent).get("Parent") or ""
+    others = {layer for other in bench.client.images.list(all=True) if other.id not in own
               for layer in other.attrs["RootFS"].get("Layers") or []}
     shared = [layer for layer in mine if layer in others]
     tar = bench.work / "image.tar"
@@ -678,17 +708,17 @@ def main(select: list[str]) -> int:
                          "(ten 1.5-5 GB cells do not fit this 2-core machine's time; the no-op path reads labels, "
                          "not image bytes)"))
 
-    # j2 vs j1: two small cells rebuilt with --force (the OS and Python layers stay cached; each build's
-    # sources/ names its own proxy port, so the venv, pip and final-stage steps run again).
+    # j2 vs j1: two small cells rebuilt with --force --no-cache, every step run again (a direct build's steps
+    # name no port or path of the host, so --force alone would find each of them in the layer cache).
     two = ["--only", small[0]["tag"], "--only", small[1]["tag"]]
     use1, use2 = Usage(), Usage()
     use1.start()
-    j1 = bench.cli("build", *two, "--force", matrix=bench.small)
+    j1 = bench.cli("build", *two, "--force", "--no-cache", matrix=bench.small)
     use1.stop()
     use2.start()
-    j2 = bench.cli("build", *two, "--force", "-j", "2", matrix=bench.small)
+    j2 = bench.cli("build", *two, "--force", "--no-cache", "-j", "2", matrix=bench.small)
     use2.stop()
-    rows.append(Row(name="-j2 against -j1, 2 small cells (--force)", figure=j2, baseline=j1, unit="s",
+    rows.append(Row(name="-j2 against -j1, 2 small cells (--force --no-cache)", figure=j2, baseline=j1, unit="s",
                     target="<= 0.75", limit=0.75, runs="1 run", how="measured (/proc: CPU, disk, network)",
                     note=f"-j1: {use1.text()}; -j2: {use2.text()}. The machine's whole load counts (other "
                          "processes too), so a busy CPU here is this build's or a neighbour's"))
@@ -720,7 +750,8 @@ def main(select: list[str]) -> int:
                     "bench state (it was built earlier): run with BENCH_FULL=1 for the share"))
     pair = pair or bench.saved_pair(one[0])
     rows += sibling_rows(pair, registry_bytes(bench, pair),
-                         "" if pair or not full else "the matrix has no cell that differs from this one only in Python")
+                         "" if pair or not full else "the matrix has no cell that differs from this one only in Python",
+                         functools.cache(pypi_requires_python))
     if full:
         rows.append(installer_row(bench, one[0], naive_tag(one[0])))
 
@@ -750,7 +781,7 @@ def sibling_only(bench: Bench, cell: dict[str, Any]) -> int:
     first = {**(State(bench.state).read_record(cell["tag"]) or {}), "wall_s": round(wall, 1)}
     pair = bench.sibling_pair(cell, first, cache)
     rows = sibling_rows(pair, registry_bytes(bench, pair), "the matrix has no cell that differs from this one "
-                        "only in Python")
+                        "only in Python", functools.cache(pypi_requires_python))
     print(markdown(rows, f"# Python-only sibling of `{cell['tag']}` (BENCH_ONLY=sibling)"))
     return 0
 
@@ -787,7 +818,8 @@ def _base(record: dict[str, Any]) -> str:
     return f"`{((record.get('cell') or {}).get('base') or {}).get('image', '?')}`"
 
 
-def sibling_rows(pair: dict[str, Any] | None, layers: tuple[int, int] | None, why: str = "") -> list[Row]:
+def sibling_rows(pair: dict[str, Any] | None, layers: tuple[int, int] | None, why: str = "",
+                 requires_python: Callable[[str], str | None] = lambda name: None) -> list[Row]:
     """The Python-only sibling's rows from the two build records (`first`: the cell's cold build, `second`: the
     sibling's, through the package cache the first filled) and (unique, summed) layer bytes of their images."""
     name = "Python-only sibling"
@@ -796,18 +828,24 @@ def sibling_rows(pair: dict[str, Any] | None, layers: tuple[int, int] | None, wh
                     target="only cp-tagged wheels again", limit=None, runs="-", how="not measured",
                     note=why or "no sibling pair in the bench state: run with BENCH_FULL=1")]
     first, second = pair["first"], pair["second"]
-    again = twice_fetched(first.get("fetched_files") or {}, second.get("fetched_files") or {})
-    files = sum(sum(part.values()) for part in (again.cp, again.same, again.versions, again.debs, again.new))
+    again = twice_fetched(first.get("fetched_files") or {}, second.get("fetched_files") or {},
+                          (second.get("cell") or {}).get("python"), requires_python)
+    files = sum(sum(part.values()) for part in (again.cp, again.same, again.versions, again.python, again.debs,
+                                                 again.new))
     was = {project_of(n): n for n in first.get("fetched_files") or {}}
     versions = {f"{n} (the first: {was[project_of(n)]})": s for n, s in again.versions.items()}
+    for_python = {f"{n} (the first: {was[project_of(n)]}, Requires-Python {requires_python(was[project_of(n)])})": s
+                  for n, s in again.python.items()}
     rows = [
         Row(name=f"{name}, bytes fetched", figure=second["upstream_bytes"] / 1e6,
             baseline=first["upstream_bytes"] / 1e6, unit="MB", target="only cp-tagged wheels again", limit=None,
             runs="1 run", how="measured: the two builds' records (the proxy's per-file counts)", verdict=again.met,
             note=f"`{second['tag']}` (built {second.get('created', '?')}) after `{first['tag']}` (a cold build), "
                  "through the package cache the first filled. Fetched again, cp-tagged (expected): "
-                 f"{_listed(again.cp)}. The same file again (the cache missed): {_listed(again.same)}. Another "
-                 f"version of a wheel that is not cp-tagged (this Python's resolution differs): {_listed(versions)}. "
+                 f"{_listed(again.cp)}. Another version of a pure wheel whose first version does not install on "
+                 f"this Python (expected): {_listed(for_python)}. The same file again (the cache missed): "
+                 f"{_listed(again.same)}. Another version of a wheel that is not cp-tagged, though the first's "
+                 f"would install here (this Python's resolution differs): {_listed(versions)}. "
                  f"Another release's .debs of the first's apt packages (not counted: the base comes with the "
                  f"Python): {_listed(again.debs)}. New to the sibling (projects the first never fetched): "
                  f"{_listed(again.new)}. The other "

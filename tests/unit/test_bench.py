@@ -82,6 +82,25 @@ def test_a_pure_wheel_fetched_again_or_the_same_file_twice_misses_the_target() -
     assert bench.twice_fetched(FIRST, {**SECOND, "keras-3.6.0-py3-none-any.whl": 1_200_000}).met is False
 
 
+def test_another_version_the_siblings_python_needs_is_expected() -> None:
+    """filelock 4.x requires Python 3.10: a 3.9 sibling must fetch a 3.x, which is no miss of the cache. Where the
+    first's version would install on 3.9 too, or its Requires-Python is unknown, it still counts."""
+    first = {**FIRST, "filelock-4.3.2-py3-none-any.whl": 16_000, "fsspec-2026.9.0-py3-none-any.whl": 200_000}
+    second = {**SECOND, "filelock-3.19.1-py3-none-any.whl": 16_000, "fsspec-2025.10.0-py3-none-any.whl": 190_000}
+    requires = {"filelock-4.3.2-py3-none-any.whl": ">=3.10", "fsspec-2026.9.0-py3-none-any.whl": ">=3.9"}.get
+    again = bench.twice_fetched(first, second, "3.9", requires)
+    assert again.python == {"filelock-3.19.1-py3-none-any.whl": 16_000}
+    assert again.versions == {"fsspec-2025.10.0-py3-none-any.whl": 190_000}
+    assert again.met is False
+    del second["fsspec-2025.10.0-py3-none-any.whl"]
+    assert bench.twice_fetched(first, second, "3.9", requires).met is True
+    assert bench.twice_fetched(first, second, "3.9").met is False  # unknown: counted against the target
+    rows = bench.sibling_rows({"first": {"tag": "a", "fetched_files": first, "upstream_bytes": 1},
+                               "second": {"tag": "b", "fetched_files": second, "upstream_bytes": 1,
+                                          "cell": {"python": "3.9"}}}, None, requires_python=requires)
+    assert rows[0].met is True and "filelock-3.19.1-py3-none-any.whl (the first: filelock-4.3.2" in rows[0].note
+
+
 def test_another_releases_debs_are_listed_but_not_counted() -> None:
     # The sibling's Python comes with its base: Debian 11's apt packages where the first had Debian 12's.
     first = {**FIRST, "openssl_3.0.17-1~deb12u2_amd64.deb": 1_434_000}
