@@ -38,6 +38,8 @@ STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
 # The classic builder names each step's container and each image it commits: a build's own, nobody else's.
 RUNNING_IN = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
 COMMITTED = re.compile(r"^ ---> ([0-9a-f]{12,64})\s*$")
+# The classic builder's own lines, as against what a step's command prints.
+BUILDER_LINE = re.compile(r"^( ---> |Removing intermediate container |Successfully (built|tagged) )")
 PLAIN_EVERY_S = 30.0
 LOG_TAIL = 15
 
@@ -239,7 +241,9 @@ def _build_claimed(
                                                     options.model_mirror)
     tail: list[str] = []
     mine = Made()  # this cell's own, kept in its claim: the sweep's list, should this run or the engine die
-    steps: list[list[Any]] = []  # [n, instruction, seconds]: where a build's time goes, kept in its record
+    # [n, instruction, seconds, seconds after the step's last output line]: where a build's time goes, kept in
+    # its record. After a RUN's last output, the classic builder is mostly committing its layer.
+    steps: list[list[Any]] = []
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     labels = build_labels(content_hash=context.content_hash, tag=cell.tag, created=created, revision=revision(),
                           version=__version__)
@@ -256,11 +260,11 @@ def _build_claimed(
                 engine.note_made(claim, mine.containers, mine.images)
             match = STEP.match(line)
             if match:
-                now = time.monotonic()
-                if steps:
-                    steps[-1][2] = round(now - steps[-1][2], 2)
-                steps.append([int(match[1]), match[3][:80], now])
+                _close_step(steps, time.monotonic())
+                steps.append([int(match[1]), match[3][:80], time.monotonic(), None])
                 progress.step(cell, int(match[1]), int(match[2]), match[3])
+            elif steps and line.strip() and not BUILDER_LINE.match(line):
+                steps[-1][3] = time.monotonic()
 
         try:
             with watch_packages(progress, cell, proxy):
@@ -276,8 +280,7 @@ def _build_claimed(
                 more = f" (and {len(proxy.errors) - 1} more)" if len(proxy.errors) > 1 else ""
                 message += f"; the package proxy's upstream failed: {proxy.errors[-1][:300]}{more}"
             raise BuildFailed(message, tail, str(log_path)) from None
-        if steps:
-            steps[-1][2] = round(time.monotonic() - steps[-1][2], 2)
+        _close_step(steps, time.monotonic())
         upstream = proxy.upstream_bytes if proxy else 0
         cached = proxy.cached_bytes if proxy else 0
         fetched_files = dict(proxy.fetched) if proxy else {}
@@ -294,6 +297,13 @@ def _build_claimed(
     state.write_record(cell.tag, record)
     return BuildResult(cell=cell, status="built", seconds=seconds, image_id=image_id, size=int(record["size"]),
                        upstream_bytes=upstream, cached_bytes=cached, log_path=log_path)
+
+
+def _close_step(steps: list[list[Any]], now: float) -> None:
+    """Turn the last step's start and last-output times into its seconds and the seconds after that output."""
+    if steps:
+        step = steps[-1]
+        step[2], step[3] = round(now - step[2], 2), None if step[3] is None else round(now - step[3], 2)
 
 
 def _data_root(engine: ContainerEngine) -> str | None:

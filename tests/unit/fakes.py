@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,7 @@ class FakeEngine:
     pullable: set[str] = field(default_factory=set)
     failing_builds: dict[str, str] = field(default_factory=dict)  # tag -> error
     on_build: Callable[[str, threading.Event], None] | None = None  # runs mid-build (interrupts, waits)
+    run_output: list[str] = field(default_factory=list)  # what the last step's RUN prints, then a commit
     payload: Callable[[str, list[str], GpuRequest | None], Payload] = lambda image, cmd, gpus: Payload()
     on_run: Callable[[str, threading.Event | None], None] | None = None
     images: dict[str, ImageInfo] = field(default_factory=dict)
@@ -130,6 +132,12 @@ class FakeEngine:
                 on_line(f"ERROR: {self.failing_builds[tag]}")
                 raise BuildFailed(self.failing_builds[tag])
             on_line("Step 2/2 : RUN pip install")
+            if self.run_output:
+                on_line(f" ---> Running in {cid}")
+                for line in self.run_output:
+                    on_line(line)
+                time.sleep(0.2)  # the layer's commit: after the step's last output
+                on_line(f"Removing intermediate container {cid[:12]}")
             return self.add_image(tag, labels, size=5_000_000_000).id
         finally:
             self.containers.discard(cid)

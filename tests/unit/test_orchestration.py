@@ -291,6 +291,16 @@ def build_opts(tmp_path: Path, **kw) -> BuildOptions:
                         keep_cache=True, **kw)
 
 
+def test_the_record_splits_a_step_at_its_last_output_line(tmp_path):
+    # What the bench's decomposition reads: a RUN step's seconds, and those after its last output (the commit).
+    engine = FakeEngine(run_output=["Installed 25 packages in 3.1s", "No broken requirements found."])
+    engine.add_image(CUDA_CELL.base.image)
+    build_cells(engine, [CUDA_CELL], build_opts(tmp_path))
+    first, run = State(tmp_path / "state").read_record(CUDA_CELL.tag)["steps"]
+    assert first[:2] == [1, "FROM base"] and first[3] is None  # the builder's own lines are no output
+    assert run[:2] == [2, "RUN pip install"] and 0.2 <= run[3] <= run[2]
+
+
 def test_up_to_date_cells_are_not_built_again_and_a_moved_base_is_rebuilt(tmp_path):
     engine = FakeEngine()
     engine.add_image(CUDA_CELL.base.image)
