@@ -1,8 +1,9 @@
 """The CUDA 13 devel cell, built for real from NVIDIA's wheels and certified: nvcc, a PyTorch CUDA extension and
 torch.compile work in it, and it is the runtime image's layers plus the toolchain's. The one test that builds it.
 
-Opt-in: it runs only with BUILDER_TEST_DEVEL=1. Two torch builds (devel, then runtime with pip run again) and a
-certify take about 15 minutes on a 2-core machine, more than CI's time budget has left; run it by hand
+Opt-in: it runs only with BUILDER_TEST_DEVEL=1. Two torch builds (devel, then runtime) and a certify took 190 s
+on a 2-core machine with a warm package cache (2026-12-05), and take far longer with a cold one, more than CI's
+time budget has left; run it by hand
 (`BUILDER_TEST_DEVEL=1 BUILDER_TEST_REPOSITORY=NAME pytest tests/integration/test_devel.py`) after changing the
 devel templates, the venv or toolchain layers, or the payload's devel checks."""
 
@@ -31,7 +32,8 @@ def layers(engine: Engine, tag: str) -> list[str]:
 
 def test_cuda13_devel_builds_certifies_and_layers_over_runtime(work: Work, engine: Engine) -> None:
     work.cli("build", *CELL, "--flavor", "devel", "--force", check=True)
-    # The devel build removed its builder stage, so pip runs again here: the environment's layer must come out
+    # With the matrix's installer (the direct form) this build finds the devel build's steps in the layer cache;
+    # in the builder-stage form (no installer) pip runs again, and the environment's layer must come out
     # byte-identical all the same (zeroed times, no .pyc), as it does when the two are built days apart.
     work.cli("build", "--only", RUNTIME_TAG, "--force", check=True)
     devel, runtime = layers(engine, DEVEL_TAG), layers(engine, RUNTIME_TAG)
