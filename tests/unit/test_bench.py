@@ -280,8 +280,17 @@ def test_a_builds_time_is_split_by_what_its_steps_do() -> None:
              [11, "COPY --from=builder /opt/builder-export/ /", 10.0],
              [12, "COPY --from=builder /opt/builder-venv/ /", 25.0],
              [19, "LABEL org.builder.hash=abc", 5.0]]
-    assert bench.decomposition(steps) == ("OS Python (apt) 15 s (15%), install step (fetch, pip, commit) 45 s (45%), "
-                                          "COPY --from=builder (copy, commit) 35 s (35%), other steps 5 s (5%)")
+    assert bench.decomposition(steps) == (
+        "OS Python (apt) 15 s (15%), install steps until their last output (fetch, install) 45 s (45%), export (COPY --from=builder, copy and commit) 35 s (35%), "
+        "other steps 5 s (5%)")
+    # A direct build's record: each step also keeps the seconds after its last output line (the commit).
+    direct = [[4, "RUN apt-get update  && apt-get install -y python3", 10.0, 2.0],
+              [8, "RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY", 26.0, 12.0],
+              [9, "RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY", 30.0, 14.0],
+              [10, "ENV VIRTUAL_ENV=/opt/venv", 0.5, None], [11, "COPY cell.json /opt/builder/cell.json", 3.5, None]]
+    assert bench.decomposition(direct) == (
+        "OS Python (apt) 10 s (14%), install steps until their last output (fetch, install) 30 s (43%), "
+        "install steps after it (layer commit) 26 s (37%), other steps 4 s (6%)")
 
 
 def test_an_install_step_counts_whichever_installer_it_names() -> None:
@@ -298,4 +307,64 @@ def test_an_install_step_counts_whichever_installer_it_names() -> None:
         assert not bench.is_install_step(text), text
     steps = [[4, "RUN apt-get update", 10.0], [8, "RUN /opt/builder-uv/bin/uv pip install --python /opt/venv", 30.0],
              [9, "COPY --from=builder /opt/builder-venv/ /", 10.0]]
-    assert bench.decomposition(steps).startswith("OS Python (apt) 10 s (20%), install step (fetch, pip, commit) 30 s")
+    assert bench.decomposition(steps).startswith(
+        "OS Python (apt) 10 s (20%), install steps until their last output (fetch, install) 30 s")
+
+
+def _tree(root: Path) -> Path:
+    (root / "lib" / "pkg").mkdir(parents=True)
+    (root / "lib" / "pkg" / "b.py").write_text("b = 2\n")
+    (root / "lib" / "pkg" / "a.py").write_text("a = 1\n" * 1000)
+    (root / "bin").mkdir()
+    (root / "bin" / "python").symlink_to("/usr/bin/python3")
+    return root
+
+
+def test_layer_tar_is_reproducible_and_its_length_is_known_before_its_bytes(tmp_path: Path) -> None:
+    import io
+    import os
+    import tarfile
+
+    root = _tree(tmp_path / "venv")
+    size, _ = bench.layer_tar(root, "opt/venv")
+    first, second = io.BytesIO(), io.BytesIO()
+    written, digest = bench.layer_tar(root, "opt/venv", first)
+    os.utime(root / "lib" / "pkg" / "a.py", (12345, 12345))  # a file's time does not reach the layer
+    assert bench.layer_tar(root, "opt/venv", second) == (written, digest)
+    assert written == size == len(first.getvalue()) and first.getvalue() == second.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(first.getvalue())) as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == ["opt/venv", "opt/venv/bin", "opt/venv/bin/python", "opt/venv/lib",
+                                             "opt/venv/lib/pkg", "opt/venv/lib/pkg/a.py", "opt/venv/lib/pkg/b.py"]
+        assert {m.mtime for m in members} == {0} and {m.uid for m in members} == {0}
+        assert tar.getmember("opt/venv/bin/python").linkname == "/usr/bin/python3"
+        assert tar.extractfile("opt/venv/lib/pkg/a.py").read() == b"a = 1\n" * 1000  # type: ignore[union-attr]
+
+
+def test_docker_archive_sends_new_layers_only_and_names_the_parents(tmp_path: Path) -> None:
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    parent = {"RootFS": {"Layers": ["sha256:" + "1" * 64, "sha256:" + "2" * 64]},
+              "Config": {"Env": ["PATH=/usr/bin"], "User": ""}}
+    out = io.BytesIO()
+    new = bench.docker_archive(parent, [(_tree(tmp_path / "venv"), "opt/venv")], "bench-assembled/x:1", out)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        assert tar.getnames() == ["layer0.tar", "config.json", "manifest.json"]
+        layer = tar.extractfile("layer0.tar").read()  # type: ignore[union-attr]
+        config = json.loads(tar.extractfile("config.json").read())  # type: ignore[union-attr]
+        manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+    assert new == ["sha256:" + hashlib.sha256(layer).hexdigest()]
+    assert config["rootfs"]["diff_ids"] == parent["RootFS"]["Layers"] + new
+    assert config["config"] == parent["Config"]
+    assert manifest == [{"Config": "config.json", "RepoTags": ["bench-assembled/x:1"],
+                         "Layers": ["parent/sha256:" + "1" * 64 + ".tar", "parent/sha256:" + "2" * 64 + ".tar",
+                                    "layer0.tar"]}]
+
+
+def test_install_steps_of_a_direct_build_are_found_in_the_engine_history() -> None:
+    # what api.history shows for a direct build's install RUN (with its build argument count) and the apt step
+    assert bench.is_install_step("RUN |0 /bin/sh -c export UV_INDEX_URL=http://packages.builder.invalid/simple")
+    assert not bench.is_install_step("RUN /bin/sh -c apt-get update  && apt-get install -y python3 python3-venv")
