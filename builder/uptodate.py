@@ -5,16 +5,17 @@ of CPU), validating the matrix and rendering every cell, and then asked the engi
 A fully cached `docker build` takes about 0.1 s. So, after a build in which every cell succeeded, `build` leaves
 a stamp: the selected cells' tags and content hashes, and the base image ids they were hashed against, under a
 key made of everything that decides those hashes (the matrix file, the selectors, the templates and the code that
-expands and renders). The next `build` with the same key asks the engine two read-only questions over its local
-socket (the images carrying a content-hash label, and each base's id) and, if every cell's image is there under
-its tag and every base is unchanged, prints the same summary and stops. Anything else (no stamp, a remote or
-non-default engine, a moved base, a missing image or tag, any error) falls through to the full path, which
-decides for itself: this module can only skip work the full path would also skip.
+expands and renders). The next `build` with the same key asks the engine read-only questions over its local
+socket (each base's id, and each cell's image or, for many cells, the images carrying a content-hash label) and,
+if every cell's image is there under its tag and every base is unchanged, prints the same summary and stops.
+Anything else (no stamp, a remote or non-default engine, a moved base, a missing image or tag, any error) falls
+through to the full path, which decides for itself: this module can only skip work the full path would also skip.
 
 `cli.main` asks this module before it builds its argument parser: `parse_build` reads a plain `build` command
 line (exact option names only; anything it does not know, `--force`, `--no-cache`, an abbreviation, `--help`,
 goes to argparse and the full path), so an up-to-date `build` imports only the standard library's socket,
-hashlib and json besides cli's own few modules, and asks the engine one question per base and one for all cells.
+hashlib and json besides cli's own few modules, and asks the engine one question per base and per cell (or one
+for all of many cells).
 The key also covers the Python version and the installed versions of the libraries that load and render a
 matrix (a Jinja2 or PyYAML upgrade could change a rendered file, so it re-checks by the full path).
 """
@@ -45,6 +46,7 @@ TEMPLATES = assets.TEMPLATES  # builder.render.TEMPLATES: the checkout's templat
 # render it, packaging compares versions), as their distributions' normalized names.
 LIBRARIES = frozenset({"pyyaml", "pydantic", "pydantic_core", "jinja2", "markupsafe", "packaging"})
 SELECTORS = ("cuda", "python", "framework", "flavor", "only")
+INSPECT_MAX = 16  # cells asked for one by one; more are listed in one question (see check)
 SELECTORS_OPTIONS = tuple(f"--{name}" for name in SELECTORS)
 
 
@@ -157,16 +159,26 @@ class Found(NamedTuple):
 def check(cells: list[Stamped], sock: str) -> list[Found] | None:
     """Every stamped cell's image, if all are there under their tags on unchanged bases; else None.
 
-    One question per distinct base (its id) and one for all the cells: the images that carry a content-hash
-    label and one of the cells' tags (the engine ORs the values of one filter and ANDs the filters)."""
+    One question per distinct base (its id), then, for up to INSPECT_MAX cells, one per cell (its tag's image:
+    under a millisecond each), or else one for all the cells: the images that carry a content-hash label and
+    one of the cells' tags (the engine ORs the values of one filter and ANDs the filters; it walks every image
+    it holds for that, 15 to 20 ms with a hundred)."""
     try:
         for base, base_id in {c.base: c.base_id for c in cells}.items():
             info = _get(sock, f"/images/{urllib.parse.quote(base, safe='')}/json")
             if info is None or info.get("Id") != base_id:
                 return None
-        wanted = {"label": [HASH_LABEL], "reference": sorted({c.tag for c in cells})}
-        images = _get(sock, f"/images/json?filters={urllib.parse.quote(json.dumps(wanted))}") or []
-    except (OSError, ValueError, IndexError):
+        if len(cells) <= INSPECT_MAX:
+            images = []
+            for cell in cells:
+                info = _get(sock, f"/images/{urllib.parse.quote(cell.tag, safe='')}/json")
+                if info is None:
+                    return None
+                images.append({**info, "Labels": (info.get("Config") or {}).get("Labels")})
+        else:
+            wanted = {"label": [HASH_LABEL], "reference": sorted({c.tag for c in cells})}
+            images = _get(sock, f"/images/json?filters={urllib.parse.quote(json.dumps(wanted))}") or []
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
     by_hash: dict[str, list[dict[str, Any]]] = {}
     for image in images:

@@ -96,6 +96,9 @@ def engine(tmp_path: Path) -> Iterator[_Engine]:
     server.asked = []
     server.answers = {
         "/images/debian%3Abookworm-slim/json": {"Id": "sha256:base"},
+        # the image as inspect shows it (labels in its config) and as the listing does
+        "/images/b%2Ftf%3A1-cpu/json": {"Id": "sha256:img", "RepoTags": ["b/tf:1-cpu"], "Size": 42,
+                                        "Config": {"Labels": {uptodate.HASH_LABEL: "h1"}}},
         "/images/json": [{"Id": "sha256:img", "RepoTags": ["b/tf:1-cpu"], "Size": 42,
                           "Labels": {uptodate.HASH_LABEL: "h1"}}],
     }
@@ -108,21 +111,38 @@ def engine(tmp_path: Path) -> Iterator[_Engine]:
 def test_up_to_date_in_two_questions(engine: _Engine) -> None:
     found = uptodate.check([CELL], engine.server_address)  # type: ignore[arg-type]
     assert found == [uptodate.Found(tag="b/tf:1-cpu", image_id="sha256:img", size=42)]
-    assert len(engine.asked) == 2
+    # The base's id, then the cell's own image: the listing walks every image the engine holds, 20 times slower.
+    assert engine.asked == ["/images/debian%3Abookworm-slim/json", "/images/b%2Ftf%3A1-cpu/json"]
 
 
+def test_many_cells_are_listed_in_one_question(engine: _Engine) -> None:
+    cells = [CELL._replace(tag=f"b/tf:{i}", content_hash=f"h{i}") for i in range(uptodate.INSPECT_MAX + 1)]
+    engine.answers["/images/json"] = [{"Id": f"sha256:img{i}", "RepoTags": [f"b/tf:{i}"], "Size": i,
+                                       "Labels": {uptodate.HASH_LABEL: f"h{i}"}} for i in range(len(cells))]
+    found = uptodate.check(cells, engine.server_address)  # type: ignore[arg-type]
+    assert found == [uptodate.Found(tag=f"b/tf:{i}", image_id=f"sha256:img{i}", size=i) for i in range(len(cells))]
+    assert len(engine.asked) == 2 and engine.asked[1].startswith("/images/json?filters=")
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one by one", "listed"])
 @pytest.mark.parametrize("change", ["base moved", "base gone", "hash gone", "tag gone"])
-def test_anything_changed_falls_through_to_the_full_path(engine: _Engine, change: str) -> None:
-    images = engine.answers["/images/json"]
+def test_anything_changed_falls_through_to_the_full_path(engine: _Engine, change: str, many: bool) -> None:
+    cells = [CELL] + ([CELL._replace(tag=f"b/tf:{i}", content_hash=f"h{i}") for i in range(uptodate.INSPECT_MAX)]
+                      if many else [])
+    engine.answers["/images/json"] += [{"Id": f"sha256:img{i}", "RepoTags": [f"b/tf:{i}"], "Size": i,
+                                        "Labels": {uptodate.HASH_LABEL: f"h{i}"}} for i in range(len(cells) - 1)]
+    listed, inspected = engine.answers["/images/json"][0], engine.answers["/images/b%2Ftf%3A1-cpu/json"]
+    assert uptodate.check(cells, engine.server_address) is not None  # type: ignore[arg-type]
     if change == "base moved":
         engine.answers["/images/debian%3Abookworm-slim/json"] = {"Id": "sha256:other"}
     elif change == "base gone":
         del engine.answers["/images/debian%3Abookworm-slim/json"]
     elif change == "hash gone":
-        images[0]["Labels"] = {uptodate.HASH_LABEL: "h2"}
+        listed["Labels"] = inspected["Config"]["Labels"] = {uptodate.HASH_LABEL: "h2"}
     else:
-        images[0]["RepoTags"] = ["b/tf:other"]
-    assert uptodate.check([CELL], engine.server_address) is None  # type: ignore[arg-type]
+        listed["RepoTags"] = ["b/tf:other"]
+        del engine.answers["/images/b%2Ftf%3A1-cpu/json"]
+    assert uptodate.check(cells, engine.server_address) is None  # type: ignore[arg-type]
 
 
 def test_no_engine_falls_through(tmp_path: Path) -> None:
