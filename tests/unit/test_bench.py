@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from builder.matrix import expand, load_matrix
@@ -368,3 +369,18 @@ def test_install_steps_of_a_direct_build_are_found_in_the_engine_history() -> No
     # what api.history shows for a direct build's install RUN (with its build argument count) and the apt step
     assert bench.is_install_step("RUN |0 /bin/sh -c export UV_INDEX_URL=http://packages.builder.invalid/simple")
     assert not bench.is_install_step("RUN /bin/sh -c apt-get update  && apt-get install -y python3 python3-venv")
+
+
+def test_no_op_sides_are_timed_in_turns_after_one_untimed_run_each() -> None:
+    calls: list[str] = []
+
+    def side(name: str, seconds: list[float]) -> Callable[[], float]:
+        def run() -> float:
+            calls.append(name)
+            return seconds.pop(0)
+        return run
+
+    first = side("builder", [9.0, 1.0, 3.0, 2.0])
+    second = side("naive", [9.0, 5.0, 4.0, 6.0])
+    assert bench.medians_interleaved(3, first, second) == (2.0, 5.0)
+    assert calls == ["builder", "naive"] * 4
