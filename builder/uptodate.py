@@ -168,8 +168,8 @@ def check(cells: list[Stamped], sock: str) -> list[Found] | None:
             info = _get(sock, f"/images/{urllib.parse.quote(base, safe='')}/json")
             if info is None or info.get("Id") != base_id:
                 return None
+        images: list[dict[str, Any]] = []
         if len(cells) <= INSPECT_MAX:
-            images = []
             for cell in cells:
                 info = _get(sock, f"/images/{urllib.parse.quote(cell.tag, safe='')}/json")
                 if info is None:
@@ -181,8 +181,8 @@ def check(cells: list[Stamped], sock: str) -> list[Found] | None:
     except (OSError, ValueError, IndexError, AttributeError):
         return None
     by_hash: dict[str, list[dict[str, Any]]] = {}
-    for image in images:
-        by_hash.setdefault(str((image.get("Labels") or {}).get(HASH_LABEL)), []).append(image)
+    for listed in images:
+        by_hash.setdefault(str((listed.get("Labels") or {}).get(HASH_LABEL)), []).append(listed)
     found = []
     for cell in cells:
         image = next((i for i in by_hash.get(cell.content_hash, []) if cell.tag in (i.get("RepoTags") or [])), None)
