@@ -260,8 +260,9 @@ def _build_claimed(
                 engine.note_made(claim, mine.containers, mine.images)
             match = STEP.match(line)
             if match:
-                _close_step(steps, time.monotonic())
-                steps.append([int(match[1]), match[3][:80], time.monotonic(), None])
+                now = time.monotonic()
+                _close_step(steps, now)
+                steps.append([int(match[1]), match[3][:80], now, None])
                 progress.step(cell, int(match[1]), int(match[2]), match[3])
             elif steps and line.strip() and not BUILDER_LINE.match(line):
                 steps[-1][3] = time.monotonic()

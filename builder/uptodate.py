@@ -178,7 +178,7 @@ def check(cells: list[Stamped], sock: str) -> list[Found] | None:
         else:
             wanted = {"label": [HASH_LABEL], "reference": sorted({c.tag for c in cells})}
             images = _get(sock, f"/images/json?filters={urllib.parse.quote(json.dumps(wanted))}") or []
-    except (OSError, ValueError, IndexError, AttributeError):
+    except (OSError, ValueError, IndexError, AttributeError, TypeError):  # an answer of another shape
         return None
     by_hash: dict[str, list[dict[str, Any]]] = {}
     for listed in images:

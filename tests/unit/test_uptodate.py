@@ -147,3 +147,10 @@ def test_anything_changed_falls_through_to_the_full_path(engine: _Engine, change
 
 def test_no_engine_falls_through(tmp_path: Path) -> None:
     assert uptodate.check([CELL], str(tmp_path / "nothing.sock")) is None
+
+
+@pytest.mark.parametrize("answer", [[], {"Id": "sha256:img", "Config": ["not", "a", "mapping"]}],
+                         ids=["a list", "a config of another shape"])
+def test_an_inspect_answer_of_another_shape_falls_through(engine: _Engine, answer: Any) -> None:
+    engine.answers["/images/b%2Ftf%3A1-cpu/json"] = answer
+    assert uptodate.check([CELL], engine.server_address) is None  # type: ignore[arg-type]
