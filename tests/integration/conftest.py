@@ -67,8 +67,11 @@ class Work:
 def interrupt_when(work: Work, args: list[str], ready, what: str, timeout: float = 600) -> tuple[int, str]:
     """Start `builder ARGS`, send it SIGINT once `ready()` is true, and return its exit code and stderr."""
     cmd = [sys.executable, "-m", "builder", "--matrix", str(work.matrix), *args, "--state", str(work.state)]
+    # A shell that starts jobs in the background hands them SIGINT ignored, and Python then keeps it ignored:
+    # the child gets the default back, as from a terminal, or the interrupt would never arrive.
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "CI": "1"})
+                            env={**os.environ, "CI": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     while not ready():
         if time.monotonic() > deadline or proc.poll() is not None:
@@ -111,7 +114,8 @@ def work(tmp_path_factory, engine) -> Work:
 
 @pytest.fixture(scope="session")
 def torch_built(work) -> dict:
-    """The real torch 2.4.1 / CUDA 12.1 / Python 3.11 cell, built now (--force: an existing image is no proof)."""
-    proc = work.cli("build", *TORCH, "--force", check=True)
+    """The real torch 2.4.1 / CUDA 12.1 / Python 3.11 cell, built now (--force: an existing image is no proof;
+    --no-cache: nor are the layers an earlier `make images` or bench left in the engine's cache)."""
+    proc = work.cli("build", *TORCH, "--force", "--no-cache", check=True)
     assert "built" in proc.stdout, proc.stdout
     return work.record(TORCH_TAG)
