@@ -32,11 +32,18 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
 # The CUDA libraries from the framework's nvidia-* wheels, resolved here as below, in a layer of their own:
 # cells that resolve the same nvidia-* pins share it, whatever their base, Python or framework.
 RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 UV_HTTP_TIMEOUT=300 \
- && python3 -m venv /tmp/builder-tools \
- && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --timeout 300 --target /tmp/builder-tools/uv \
-      --index-url http://packages.builder.invalid/simple --trusted-host packages.builder.invalid uv==0.13.8 \
+ && python3 -c 'import hashlib, io, os, platform, re, sys, urllib.parse, urllib.request as r, zipfile; \
+      index, version, machine = "http://packages.builder.invalid/simple/uv/", "0.13.8", platform.machine(); \
+      page = r.urlopen(index, timeout=300).read().decode(); \
+      found = re.findall("href=.([^#<>\\s]*?/uv-" + re.escape(version) + "-py3-none-manylinux[^#<>\\s/]*_" \
+        + machine + "\\.whl)(?:#sha256=([0-9a-f]{64}))?", page); \
+      found or sys.exit(f"no uv {version} wheel for {machine} at {index}"); \
+      data = r.urlopen(urllib.parse.urljoin(index, found[0][0]), timeout=300).read(); \
+      not found[0][1] or hashlib.sha256(data).hexdigest() == found[0][1] or sys.exit("the uv wheel fails its sha256"); \
+      os.makedirs("/tmp/builder-tools/uv/bin"); \
+      open("/tmp/builder-tools/uv/bin/uv", "wb").write(zipfile.ZipFile(io.BytesIO(data)).read(f"uv-{version}.data/scripts/uv")); \
+      os.chmod("/tmp/builder-tools/uv/bin/uv", 0o755)' \
  && printf '%s\n' 'torch==2.11.0' 'torchvision==0.26.0' > /tmp/builder-tools/requirements.txt \
- && /tmp/builder-tools/bin/pip freeze --all > /tmp/builder-tools/lock.txt \
  && /tmp/builder-tools/uv/bin/uv pip compile --python python3 --no-header --no-annotate \
       -o /tmp/builder-tools/lock.txt /tmp/builder-tools/requirements.txt \
  && if grep -i '^nvidia-' /tmp/builder-tools/lock.txt > /tmp/builder-tools/cuda.txt; then \
@@ -50,15 +57,23 @@ RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY
 # as before, and their dist-info through a .pth file. The build fails if the two resolutions ever disagree on
 # those pins (compared here: pip check does not look at extras such as TensorFlow's and-cuda); pip check, then
 # pip freeze writes the lock. (uv's .lock files are its own, and world-writable: not kept.)
-RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 UV_HTTP_TIMEOUT=300 \
- && python3 -m venv /tmp/builder-tools \
- && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --timeout 300 --target /tmp/builder-tools/uv \
-      --index-url http://packages.builder.invalid/simple --trusted-host packages.builder.invalid uv==0.13.8 \
+RUN python3 -m venv /opt/venv \
+ && export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 UV_HTTP_TIMEOUT=300 \
+ && python3 -c 'import hashlib, io, os, platform, re, sys, urllib.parse, urllib.request as r, zipfile; \
+      index, version, machine = "http://packages.builder.invalid/simple/uv/", "0.13.8", platform.machine(); \
+      page = r.urlopen(index, timeout=300).read().decode(); \
+      found = re.findall("href=.([^#<>\\s]*?/uv-" + re.escape(version) + "-py3-none-manylinux[^#<>\\s/]*_" \
+        + machine + "\\.whl)(?:#sha256=([0-9a-f]{64}))?", page); \
+      found or sys.exit(f"no uv {version} wheel for {machine} at {index}"); \
+      data = r.urlopen(urllib.parse.urljoin(index, found[0][0]), timeout=300).read(); \
+      not found[0][1] or hashlib.sha256(data).hexdigest() == found[0][1] or sys.exit("the uv wheel fails its sha256"); \
+      os.makedirs("/tmp/builder-tools/uv/bin"); \
+      open("/tmp/builder-tools/uv/bin/uv", "wb").write(zipfile.ZipFile(io.BytesIO(data)).read(f"uv-{version}.data/scripts/uv")); \
+      os.chmod("/tmp/builder-tools/uv/bin/uv", 0o755)' \
  && printf '%s\n' 'torch==2.11.0' 'torchvision==0.26.0' > /tmp/builder-tools/requirements.txt \
- && /tmp/builder-tools/bin/pip freeze --all > /tmp/builder-tools/lock.txt \
+ && /opt/venv/bin/pip freeze --all > /tmp/builder-tools/lock.txt \
  && /tmp/builder-tools/uv/bin/uv pip compile --python python3 --no-header --no-annotate \
       -o /tmp/builder-tools/lock.txt /tmp/builder-tools/requirements.txt \
- && python3 -m venv /opt/venv \
  && if [ -d /opt/cuda-libs/nvidia ]; then \
       echo /opt/cuda-libs > /opt/venv/lib/python3.11/site-packages/builder-cuda-libs.pth \
       && ln -s /opt/cuda-libs/nvidia /opt/venv/lib/python3.11/site-packages/nvidia; \
@@ -94,9 +109,17 @@ RUN apt-get update \
 # The toolkit is written under /tmp/builder-tools with pinned times, then copied over the runtime's tree; only the
 # directories it lands in change, and those get pinned times too.
 RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 UV_HTTP_TIMEOUT=300 \
- && python3 -m venv /tmp/builder-tools \
- && /tmp/builder-tools/bin/pip install -q --no-cache-dir --disable-pip-version-check --timeout 300 --target /tmp/builder-tools/uv \
-      --index-url http://packages.builder.invalid/simple --trusted-host packages.builder.invalid uv==0.13.8 \
+ && python3 -c 'import hashlib, io, os, platform, re, sys, urllib.parse, urllib.request as r, zipfile; \
+      index, version, machine = "http://packages.builder.invalid/simple/uv/", "0.13.8", platform.machine(); \
+      page = r.urlopen(index, timeout=300).read().decode(); \
+      found = re.findall("href=.([^#<>\\s]*?/uv-" + re.escape(version) + "-py3-none-manylinux[^#<>\\s/]*_" \
+        + machine + "\\.whl)(?:#sha256=([0-9a-f]{64}))?", page); \
+      found or sys.exit(f"no uv {version} wheel for {machine} at {index}"); \
+      data = r.urlopen(urllib.parse.urljoin(index, found[0][0]), timeout=300).read(); \
+      not found[0][1] or hashlib.sha256(data).hexdigest() == found[0][1] or sys.exit("the uv wheel fails its sha256"); \
+      os.makedirs("/tmp/builder-tools/uv/bin"); \
+      open("/tmp/builder-tools/uv/bin/uv", "wb").write(zipfile.ZipFile(io.BytesIO(data)).read(f"uv-{version}.data/scripts/uv")); \
+      os.chmod("/tmp/builder-tools/uv/bin/uv", 0o755)' \
  && printf '%s\n' 'cuda-toolkit[cccl,crt,nvcc,nvvm]==13.0.2' > /tmp/builder-tools/devel.txt \
  && /tmp/builder-tools/uv/bin/uv pip install --python python3 --target /tmp/builder-tools/tree/opt/cuda-libs \
       -r /tmp/builder-tools/devel.txt -c /opt/venv/requirements.lock \

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +123,74 @@ def test_wheel_toolchain_is_held_to_the_runtime_pins_and_layers_are_time_free():
     for tree in ("builder-export", "builder-venv", "builder-toolchain"):
         assert f"/opt/{tree}/ /" in final and f"find /opt/{tree} -exec touch -h -d @0" in text, tree
     assert "COPY --from=builder /opt/venv" not in final
+
+
+def _uv_fetch(cell_name: str, tools: Path) -> str:
+    """The rendered direct form's uv fetch (its `python3 -c '...'`, lines joined as the Dockerfile parser joins
+    them), writing under `tools` instead of /tmp/builder-tools."""
+    text = dockerfile(cell(cell_name), direct=True).replace("\\\n", "")
+    code = re.search(r"python3 -c '([^']*)'", text)
+    assert code is not None
+    return code[1].replace("/tmp/builder-tools", str(tools))
+
+
+class _Packages(BaseHTTPRequestHandler):
+    """packages.builder.invalid as a forward proxy sees it: the merged uv page and its wheels."""
+    files: dict[str, bytes] = {}
+    page = ""
+
+    def do_GET(self) -> None:
+        path = self.path.removeprefix("http://packages.builder.invalid")
+        body = self.page.encode() if path == "/simple/uv/" else self.files.get(path)
+        self.send_response(200 if body is not None else 404)
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _wheel(version: str, payload: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(f"uv-{version}.data/scripts/uv", payload)
+        z.writestr(f"uv-{version}.dist-info/METADATA", "Name: uv\n")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", ["right wheel", "hash mismatch", "no wheel"])
+def test_the_direct_form_takes_uv_for_this_machine_checked_against_the_index_hash(tmp_path, case):
+    """The uv fetch as the image's Python runs it: of the pinned release, the manylinux wheel for this machine
+    (never musllinux, another release or another machine), its sha256 checked, its binary made executable."""
+    version = "0.13.8"
+    machine = platform.machine()
+    other = "aarch64" if machine != "aarch64" else "x86_64"
+    right = _wheel(version, b"#!/bin/sh\necho right\n")
+    decoys = {
+        f"uv-{version}-py3-none-musllinux_1_1_{machine}.whl": _wheel(version, b"musl"),
+        f"uv-{version}-py3-none-manylinux_2_17_{other}.manylinux2014_{other}.whl": _wheel(version, b"other arch"),
+        f"uv-0.13.80-py3-none-manylinux_2_17_{machine}.whl": _wheel("0.13.80", b"other release"),
+    }
+    name = f"uv-{version}-py3-none-manylinux_2_17_{machine}.manylinux2014_{machine}.whl"
+    wheels = {**decoys, name: right} if case != "no wheel" else decoys
+    digest = hashlib.sha256(b"tampered" if case == "hash mismatch" else right).hexdigest()
+    anchors = [f'<a href="/files/T{i}/{n}#sha256={hashlib.sha256(w).hexdigest() if n != name else digest}">{n}</a>'
+               for i, (n, w) in enumerate(wheels.items())]
+    _Packages.page = "<html><body>\n" + "<br/>\n".join(anchors) + "\n</body></html>\n"
+    _Packages.files = {f"/files/T{i}/{n}": w for i, (n, w) in enumerate(wheels.items())}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Packages)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        proc = subprocess.run([sys.executable, "-c", _uv_fetch("torch-2.4.1-cuda12.1-py3.11", tmp_path)],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "http_proxy": f"http://127.0.0.1:{server.server_port}", "no_proxy": ""})
+    finally:
+        server.shutdown()
+    uv = tmp_path / "uv" / "bin" / "uv"
+    if case == "right wheel":
+        assert proc.returncode == 0, proc.stderr
+        assert uv.read_bytes() == b"#!/bin/sh\necho right\n" and os.access(uv, os.X_OK)
+    else:
+        assert proc.returncode != 0 and not uv.exists()
+        expected = "fails its sha256" if case == "hash mismatch" else f"no uv {version} wheel for {machine}"
+        assert expected in proc.stderr and "Traceback" not in proc.stderr
