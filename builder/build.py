@@ -243,7 +243,7 @@ def _build_claimed(
     mine = Made()  # this cell's own, kept in its claim: the sweep's list, should this run or the engine die
     # [n, instruction, seconds, seconds after the step's last output line]: where a build's time goes, kept in
     # its record. After a RUN's last output, the classic builder is mostly committing its layer.
-    steps: list[list[Any]] = []
+    clock = StepClock()
     created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     labels = build_labels(content_hash=context.content_hash, tag=cell.tag, created=created, revision=revision(),
                           version=__version__)
@@ -258,14 +258,9 @@ def _build_claimed(
             made.see(line)
             if mine.see(line):
                 engine.note_made(claim, mine.containers, mine.images)
-            match = STEP.match(line)
+            match = clock.see(line)
             if match:
-                now = time.monotonic()
-                _close_step(steps, now)
-                steps.append([int(match[1]), match[3][:80], now, None])
                 progress.step(cell, int(match[1]), int(match[2]), match[3])
-            elif steps and line.strip() and not BUILDER_LINE.match(line):
-                steps[-1][3] = time.monotonic()
 
         try:
             with watch_packages(progress, cell, proxy):
@@ -281,7 +276,7 @@ def _build_claimed(
                 more = f" (and {len(proxy.errors) - 1} more)" if len(proxy.errors) > 1 else ""
                 message += f"; the package proxy's upstream failed: {proxy.errors[-1][:300]}{more}"
             raise BuildFailed(message, tail, str(log_path)) from None
-        _close_step(steps, time.monotonic())
+        steps = clock.close()
         upstream = proxy.upstream_bytes if proxy else 0
         cached = proxy.cached_bytes if proxy else 0
         fetched_files = dict(proxy.fetched) if proxy else {}
@@ -300,11 +295,37 @@ def _build_claimed(
                        upstream_bytes=upstream, cached_bytes=cached, log_path=log_path)
 
 
-def _close_step(steps: list[list[Any]], now: float) -> None:
-    """Turn the last step's start and last-output times into its seconds and the seconds after that output."""
-    if steps:
-        step = steps[-1]
-        step[2], step[3] = round(now - step[2], 2), None if step[3] is None else round(now - step[3], 2)
+class StepClock:
+    """A classic build's steps timed from its output lines as they arrive: [n, the instruction's first 80
+    characters, seconds, seconds after the step's last output line (None: it printed nothing)]. The bench times
+    the naive recipe's build with it too."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[Any]] = []
+        self._open = False  # the last step still holds its start and last-output clock readings
+
+    def see(self, line: str) -> re.Match[str] | None:
+        """Note a line; returns the step line's match when it starts a step."""
+        now = time.monotonic()
+        match = STEP.match(line)
+        if match:
+            self._close(now)
+            self.steps.append([int(match[1]), match[3][:80], now, None])
+            self._open = True
+        elif self._open and line.strip() and not BUILDER_LINE.match(line):
+            self.steps[-1][3] = now
+        return match
+
+    def close(self) -> list[list[Any]]:
+        """The steps, the last one ended now."""
+        self._close(time.monotonic())
+        return self.steps
+
+    def _close(self, now: float) -> None:
+        if self._open:
+            step = self.steps[-1]
+            step[2], step[3] = round(now - step[2], 2), None if step[3] is None else round(now - step[3], 2)
+            self._open = False
 
 
 def _data_root(engine: ContainerEngine) -> str | None:

@@ -222,14 +222,16 @@ def decomposition(steps: list[list[Any]]) -> str:
     and installs at once, then the classic builder commits the layer: the time after a step's last output line);
     the builder-stage form's export into the final stage (COPY --from=builder: copy and commit); every other step
     (metadata, user, labels)."""
-    parts = {"OS Python (apt)": 0.0, "install steps until their last output (fetch, install)": 0.0,
-             "install steps after it (layer commit)": 0.0, "export (COPY --from=builder, copy and commit)": 0.0,
-             "other steps": 0.0}
+    # Records older than the fourth item cannot split an install step: it is named whole.
+    split = any(len(step) > 3 for step in steps if is_install_step(str(step[1])))
+    until = "install steps until their last output (fetch, install)" if split else "install steps (fetch, install, commit)"
+    parts = {"OS Python (apt)": 0.0, until: 0.0, "install steps after it (layer commit)": 0.0,
+             "export (COPY --from=builder, copy and commit)": 0.0, "other steps": 0.0}
     for step in steps:
         text, seconds = str(step[1]), float(step[2])
         after = min(float(step[3]), seconds) if len(step) > 3 and step[3] is not None else 0.0
         if is_install_step(text):
-            parts["install steps until their last output (fetch, install)"] += seconds - after
+            parts[until] += seconds - after
             parts["install steps after it (layer commit)"] += after
         else:
             parts["OS Python (apt)" if text.startswith("RUN apt-get") else
@@ -237,6 +239,24 @@ def decomposition(steps: list[list[Any]]) -> str:
                   "other steps"] += seconds
     total = sum(parts.values()) or 1.0
     return ", ".join(f"{name} {s:.0f} s ({s / total:.0%})" for name, s in parts.items() if s or "(fetch" in name)
+
+
+def commit_share(builder: list[list[Any]], naive: list[list[Any]]) -> str:
+    """Both builds' time with their install steps' layer commits taken out: what the engine's commit (the layer
+    tarred and written again into its store, the same for any classic build of these bytes) leaves to compare."""
+    def commit(steps: list[list[Any]]) -> float:
+        return sum(min(float(s[3]), float(s[2])) for s in steps
+                   if is_install_step(str(s[1])) and len(s) > 3 and s[3] is not None)
+
+    def total(steps: list[list[Any]]) -> float:
+        return sum(float(s[2]) for s in steps)
+
+    b, n = commit(builder), commit(naive)
+    if not b or not n:
+        return "(no commit split: a step record without its last-output time)"
+    rest_b, rest_n = total(builder) - b, total(naive) - n
+    return (f"Layer commits: builder {b:.0f} s, naive {n:.0f} s; the steps' time without them: builder "
+            f"{rest_b:.0f} s, naive {rest_n:.0f} s ({rest_b / max(rest_n, 1e-9):.2f})")
 
 
 def install_seconds(steps: list[list[Any]]) -> float:
@@ -541,10 +561,14 @@ class Bench:
         return time.monotonic() - started
 
     def naive_build(self, cell: dict[str, Any], nocache: bool = False) -> tuple[float, str]:
-        """Build the naive image of a cell; returns (seconds, image id). Timed around the SDK call only."""
+        """Build the naive image of a cell; returns (seconds, image id). Timed around the SDK call only; its
+        steps, timed as builder's own (StepClock), are kept in `naive_steps`."""
+        from builder.build import StepClock
+
         requirements = list(cell["claims"]["requirements"])
         files = {"Dockerfile": naive_dockerfile(cell["base"], requirements).encode(), "ca.pem": self.ca}
         tag = naive_tag(cell)
+        clock, partial = StepClock(), ""
         started = time.monotonic()
         image_id = ""
         for event in self.client.api.build(fileobj=io.BytesIO(context_tar(files)), custom_context=True, tag=tag,
@@ -554,6 +578,10 @@ class Bench:
                 sys.exit(f"bench: naive build of {cell['tag']} failed: {event['error']}")
             if "aux" in event and "ID" in event["aux"]:
                 image_id = event["aux"]["ID"]
+            *lines, partial = (partial + str(event.get("stream") or "")).split("\n")
+            for line in lines:
+                clock.see(line)
+        self.naive_steps = clock.close()
         return time.monotonic() - started, image_id
 
 
@@ -669,7 +697,7 @@ def docker_archive(parent: dict[str, Any], layers: list[tuple[Path, str]], tag: 
         pad(size)
         new.append(digest)
         names.append(f"layer{i}.tar")
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": parent["Config"],
+    config = json.dumps({"architecture": parent["Architecture"], "os": parent["Os"], "config": parent["Config"],
                          "rootfs": {"type": "layers", "diff_ids": diff_ids + new}}).encode()
     manifest = json.dumps([{"Config": "config.json", "RepoTags": [tag], "Layers": names}]).encode()
     for name, data in (("config.json", config), ("manifest.json", manifest)):
@@ -714,6 +742,41 @@ def assembled_row(bench: Bench, cell: dict[str, Any], cache: Path, b_warm: float
     if image is None or parent is None:
         return Row(name=name, figure=None, baseline=naive_warm, unit="s", target="<= 0.5", limit=0.5, runs="-",
                    how="not measured", note="the cell's image, or the step below its install steps, is gone")
+    import docker.errors
+
+    try:
+        return _assembled(bench, cell, cache, b_warm, warm_steps, naive_warm, name, image, parent)
+    except (docker.errors.DockerException, OSError, ValueError, IndexError) as exc:  # a prototype: say why, go on
+        return Row(name=name, figure=None, baseline=naive_warm, unit="s", target="<= 0.5", limit=0.5, runs="-",
+                   how="not measured", note=f"the prototype failed on this cell: {type(exc).__name__}: {exc}"[:400])
+
+
+SMOKE = {"torch": "import torch; x = torch.ones(8, 8); print(torch.__version__, float((x @ x).sum()))",
+         "tensorflow": "import tensorflow as tf; x = tf.ones((8, 8)); print(tf.__version__, float(tf.reduce_sum(x @ x)))"}
+
+
+def assembly_script(cuda: list[str], env: list[str], site: str) -> str:
+    """The assembly's install, as a container of the image below the install steps runs it (/opt the host folder,
+    /w the wheels): the CUDA wheels into /opt/cuda-libs where the lock has any, the venv, its environment; it
+    prints its start and end times. Whatever an earlier run left in /opt goes first, as root, inside the container
+    (its files are root's: the host's user may not remove them)."""
+    uv = "uv pip install -q --offline --no-index --find-links /w --cache-dir /opt/.uv-cache --no-deps"
+    steps = ["rm -rf /opt/venv /opt/cuda-libs", "s=$(date +%s.%N)"]
+    if cuda:
+        steps.append(f"{uv} --python python3 --target /opt/cuda-libs {' '.join(cuda)}")
+    steps.append("python3 -m venv /opt/venv")
+    if cuda:
+        steps += [f"echo /opt/cuda-libs > {site}/builder-cuda-libs.pth", f"ln -s /opt/cuda-libs/nvidia {site}/nvidia"]
+    if env:
+        steps.append(f"{uv} --python /opt/venv/bin/python {' '.join(env)}")
+    steps += ["rm -f /opt/venv/.lock /opt/cuda-libs/.lock",
+              "find /opt -path /opt/.uv-cache -prune -o -name __pycache__ -prune -exec rm -rf {} +",
+              "e=$(date +%s.%N)", 'echo "$s $e"']
+    return " && ".join(steps)
+
+
+def _assembled(bench: Bench, cell: dict[str, Any], cache: Path, b_warm: float, warm_steps: list[list[Any]],
+               naive_warm: float, name: str, image: Any, parent: str) -> Row:
     freeze = ["/opt/venv/bin/pip", "freeze", "--all"]
     lock = bench.client.containers.run(image.id, freeze, remove=True).decode().split()
     wheels, opt = bench.work / "assembly-wheels", bench.work / "assembly" / "opt"
@@ -724,54 +787,54 @@ def assembled_row(bench: Bench, cell: dict[str, Any], cache: Path, b_warm: float
             os.link(path, target)
     cuda = [pin for pin in lock if pin.lower().startswith("nvidia-")]
     env = [pin for pin in lock if pin not in cuda and not pin.startswith(("pip==", "setuptools=="))]  # venv's own
-    site = f"/opt/venv/lib/python{cell['python']}/site-packages"
-    uv = "uv pip install -q --offline --no-index --find-links /w --cache-dir /opt/.uv-cache --no-deps"
-    script = (f"s=$(date +%s.%N) && {uv} --python python3 --target /opt/cuda-libs {' '.join(cuda)} "
-              f"&& python3 -m venv /opt/venv && echo /opt/cuda-libs > {site}/builder-cuda-libs.pth "
-              f"&& ln -s /opt/cuda-libs/nvidia {site}/nvidia && {uv} --python /opt/venv/bin/python {' '.join(env)} "
-              "&& rm -f /opt/venv/.lock /opt/cuda-libs/.lock "
-              "&& find /opt/venv /opt/cuda-libs -name __pycache__ -prune -exec rm -rf {} + "
-              "&& e=$(date +%s.%N) && echo \"$s $e\"")
+    script = assembly_script(cuda, env, f"/opt/venv/lib/python{cell['python']}/site-packages")
     volumes = {str(opt): {"bind": "/opt", "mode": "rw"}, str(wheels): {"bind": "/w", "mode": "ro"},
                str(uv_binary(bench)): {"bind": "/usr/local/bin/uv", "mode": "ro"}}
 
+    def in_container(command: str) -> list[str]:
+        out = bench.client.containers.run(parent, ["sh", "-c", command], remove=True, user="0",
+                                          network_mode="none", volumes=volumes)
+        return out.decode().split()
+
     def install() -> float:
-        for folder in ("venv", "cuda-libs"):
-            shutil.rmtree(opt / folder, ignore_errors=True)
-        opt.mkdir(parents=True, exist_ok=True)
-        out = bench.client.containers.run(parent, ["sh", "-c", script], remove=True, user="0", network_mode="none",
-                                          volumes=volumes).decode().split()
+        out = in_container(script)
         return float(out[-1]) - float(out[-2])
 
-    from_wheels = install()  # uv's cache empty: it unzips every wheel into it (not counted: the cache fills once)
-    installed = install()  # uv's cache full: it hardlinks
-    tag, tar = f"{REPOSITORY}-assembled/{cell['tag'].split('/', 1)[1]}", bench.work / "assembled.tar"
-    started = time.monotonic()
-    with tar.open("wb", buffering=1 << 20) as out:
-        docker_archive(bench.client.api.inspect_image(parent), [(opt / "cuda-libs", "opt/cuda-libs"),
-                                                                (opt / "venv", "opt/venv")], tag, out)
-    archived = time.monotonic() - started
-    size = tar.stat().st_size
-    started = time.monotonic()
-    with tar.open("rb") as data:
-        bench.client.images.load(data)
-    loaded = time.monotonic() - started
-    tar.unlink()
-    same = bench.client.containers.run(tag, freeze, remove=True).decode().split() == lock
-    smoke = bench.client.containers.run(tag, ["/opt/venv/bin/python", "-c", "import torch, numpy; x = torch.ones(8, 8); "
-                                              "print(torch.__version__, float((x @ x).sum()))"], remove=True)
-    bench.client.images.remove(tag, force=True)
-    shutil.rmtree(opt.parent, ignore_errors=True)
+    opt.mkdir(parents=True, exist_ok=True)
+    try:
+        from_wheels = install()  # uv's cache empty: it unzips every wheel into it (not counted: it fills once)
+        installed = install()  # uv's cache full: it hardlinks
+        tag, tar = f"{REPOSITORY}-assembled/{cell['tag'].split('/', 1)[1]}", bench.work / "assembled.tar"
+        layers = [(opt / "cuda-libs", "opt/cuda-libs")] if cuda else []
+        started = time.monotonic()
+        with tar.open("wb", buffering=1 << 20) as out:
+            docker_archive(bench.client.api.inspect_image(parent), [*layers, (opt / "venv", "opt/venv")], tag, out)
+        archived = time.monotonic() - started
+        size = tar.stat().st_size
+        started = time.monotonic()
+        try:
+            with tar.open("rb") as data:
+                bench.client.images.load(data)
+        finally:
+            tar.unlink()
+        loaded = time.monotonic() - started
+        same = bench.client.containers.run(tag, freeze, remove=True).decode().split() == lock
+        framework = cell["claims"]["framework"]
+        smoke = bench.client.containers.run(tag, ["/opt/venv/bin/python", "-c", SMOKE[framework]], remove=True)
+        bench.client.images.remove(tag, force=True)
+    finally:
+        in_container("rm -rf /opt/venv /opt/cuda-libs /opt/.uv-cache")  # root's files, removed as root
+        shutil.rmtree(opt.parent)
     steps = install_seconds(warm_steps)
     figure = b_warm - steps + installed + archived + loaded
     return Row(name=name, figure=figure if same else None, baseline=naive_warm, unit="s", target="<= 0.5",
                limit=0.5, runs="1 run", how="measured parts, summed",
                note=f"the warm build {b_warm:.1f} s less its install steps {steps:.1f} s, plus: uv from its full "
                     f"cache into the host folder {installed:.1f} s (from the wheels, filling that cache: "
-                    f"{from_wheels:.1f} s, not counted), two layer tarballs written {archived:.1f} s "
+                    f"{from_wheels:.1f} s, not counted), {len(layers) + 1} layer tarball(s) written {archived:.1f} s "
                     f"({size / 1e6:,.0f} MB), `images.load` {loaded:.1f} s "
                     f"({size / 1e6 / max(loaded, 1e-9):,.0f} MB/s). Same packages as the built image: "
-                    f"{'yes' if same else 'NO'}; torch in it: {smoke.decode().strip()}")
+                    f"{'yes' if same else 'NO'}; {framework} in it: {smoke.decode().strip()}")
 
 
 def naive_tag(cell: dict[str, Any]) -> str:
@@ -829,16 +892,19 @@ def main(select: list[str]) -> int:
         first = {**(State(bench.state).read_record(one[0]["tag"]) or {}), "wall_s": round(b_cold, 1)}
         cold_steps = first.get("steps") or []
         n_cold, _ = bench.naive_build(one[0], nocache=True)
+        naive_cold_steps = bench.naive_steps
         b_warm = bench.cli("build", *sel1, "--force", "--no-cache", cache=cold)
         warm_steps = (State(bench.state).read_record(one[0]["tag"]) or {}).get("steps") or []
         n_warm, _ = bench.naive_build(one[0], nocache=True)
         rows += [
             Row(name="cold build, 1 cell", figure=b_cold, baseline=n_cold, unit="s", target="<= 1.0", limit=1.0,
-                runs="1 run", how="measured", note=f"where builder's time went: {decomposition(cold_steps)}"),
+                runs="1 run", how="measured", note=f"where builder's time went: {decomposition(cold_steps)}; "
+                f"the naive recipe's: {decomposition(naive_cold_steps)}"),
             Row(name="warm build (package cache full, no layer cache)", figure=b_warm, baseline=n_warm, unit="s",
                 target="<= 0.5", limit=0.5, runs="1 run", how="measured",
                 note="the naive recipe has no package cache: its warm build downloads everything again; where "
-                     f"builder's time went: {decomposition(warm_steps)}"),
+                     f"builder's time went: {decomposition(warm_steps)}; the naive recipe's: "
+                     f"{decomposition(bench.naive_steps)}. {commit_share(warm_steps, bench.naive_steps)}"),
         ]
         rows.append(assembled_row(bench, one[0], cold, b_warm, warm_steps, n_warm))
         pair = bench.sibling_pair(one[0], first, cold)  # after the warm build: the cache holds the cell's files

@@ -281,9 +281,10 @@ def test_a_builds_time_is_split_by_what_its_steps_do() -> None:
              [11, "COPY --from=builder /opt/builder-export/ /", 10.0],
              [12, "COPY --from=builder /opt/builder-venv/ /", 25.0],
              [19, "LABEL org.builder.hash=abc", 5.0]]
+    # A record from before steps kept their last-output time: an install step is named whole.
     assert bench.decomposition(steps) == (
-        "OS Python (apt) 15 s (15%), install steps until their last output (fetch, install) 45 s (45%), export (COPY --from=builder, copy and commit) 35 s (35%), "
-        "other steps 5 s (5%)")
+        "OS Python (apt) 15 s (15%), install steps (fetch, install, commit) 45 s (45%), export (COPY --from=builder, "
+        "copy and commit) 35 s (35%), other steps 5 s (5%)")
     # A direct build's record: each step also keeps the seconds after its last output line (the commit).
     direct = [[4, "RUN apt-get update  && apt-get install -y python3", 10.0, 2.0],
               [8, "RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY", 26.0, 12.0],
@@ -308,8 +309,7 @@ def test_an_install_step_counts_whichever_installer_it_names() -> None:
         assert not bench.is_install_step(text), text
     steps = [[4, "RUN apt-get update", 10.0], [8, "RUN /opt/builder-uv/bin/uv pip install --python /opt/venv", 30.0],
              [9, "COPY --from=builder /opt/builder-venv/ /", 10.0]]
-    assert bench.decomposition(steps).startswith(
-        "OS Python (apt) 10 s (20%), install steps until their last output (fetch, install) 30 s")
+    assert bench.decomposition(steps).startswith("OS Python (apt) 10 s (20%), install steps (fetch, install, commit) 30 s")
 
 
 def _tree(root: Path) -> Path:
@@ -349,7 +349,7 @@ def test_docker_archive_sends_new_layers_only_and_names_the_parents(tmp_path: Pa
     import tarfile
 
     parent = {"RootFS": {"Layers": ["sha256:" + "1" * 64, "sha256:" + "2" * 64]},
-              "Config": {"Env": ["PATH=/usr/bin"], "User": ""}}
+              "Config": {"Env": ["PATH=/usr/bin"], "User": ""}, "Architecture": "arm64", "Os": "linux"}
     out = io.BytesIO()
     new = bench.docker_archive(parent, [(_tree(tmp_path / "venv"), "opt/venv")], "bench-assembled/x:1", out)
     with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
@@ -360,6 +360,7 @@ def test_docker_archive_sends_new_layers_only_and_names_the_parents(tmp_path: Pa
     assert new == ["sha256:" + hashlib.sha256(layer).hexdigest()]
     assert config["rootfs"]["diff_ids"] == parent["RootFS"]["Layers"] + new
     assert config["config"] == parent["Config"]
+    assert (config["architecture"], config["os"]) == ("arm64", "linux")  # the parent's, not this host's
     assert manifest == [{"Config": "config.json", "RepoTags": ["bench-assembled/x:1"],
                          "Layers": ["parent/sha256:" + "1" * 64 + ".tar", "parent/sha256:" + "2" * 64 + ".tar",
                                     "layer0.tar"]}]
@@ -384,3 +385,41 @@ def test_no_op_sides_are_timed_in_turns_after_one_untimed_run_each() -> None:
     second = side("naive", [9.0, 5.0, 4.0, 6.0])
     assert bench.medians_interleaved(3, first, second) == (2.0, 5.0)
     assert calls == ["builder", "naive"] * 4
+
+
+def test_the_naive_build_is_timed_by_the_same_step_clock_and_commits_are_compared() -> None:
+    """The naive recipe's build lines go through builder's own StepClock; both builds' layer commits (the time
+    after an install step's last output line) are then taken out of the comparison."""
+    from builder.build import StepClock
+
+    clock = StepClock()
+    lines = ["Step 1/3 : FROM debian:bookworm-slim", " ---> 97877d70130a",
+             "Step 2/3 : RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install torch==2.4.1",
+             " ---> Running in 1234", "Collecting torch==2.4.1", "Successfully installed torch-2.4.1",
+             "Removing intermediate container 1234", " ---> 5678",
+             "Step 3/3 : ENV PATH=/opt/venv/bin:$PATH"]
+    for line in lines:
+        clock.see(line)
+    steps = clock.close()
+    assert [s[0] for s in steps] == [1, 2, 3]
+    assert steps[0][3] is None and steps[2][3] is None  # no output of their own: the builder's lines don't count
+    assert steps[1][3] is not None and 0 <= steps[1][3] <= steps[1][2]
+    builder = [[4, "RUN apt-get update", 10.0, 1.0], [8, "RUN export UV_INDEX_URL=x", 30.0, 18.0],
+               [9, "RUN python3 -m venv /opt/venv  && export UV_INDEX_URL=x", 36.0, 19.0], [10, "ENV A=1", 4.0, None]]
+    naive = [[2, "RUN apt-get update && apt-get install -y python3", 12.0, 1.0],
+             [4, "RUN python3 -m venv /opt/venv && PIP_CERT=/etc/ssl/pip-ca.pem /opt/venv/bin/pip", 100.0, 36.0]]
+    assert bench.commit_share(builder, naive) == ("Layer commits: builder 37 s, naive 36 s; the steps' time without "
+                                                  "them: builder 43 s, naive 76 s (0.57)")
+    assert "no commit split" in bench.commit_share([[8, "RUN export UV_INDEX_URL=x", 30.0]], naive)
+
+
+def test_the_assembly_script_installs_cuda_only_where_the_lock_has_nvidia_wheels() -> None:
+    site = "/opt/venv/lib/python3.11/site-packages"
+    torch = bench.assembly_script(["nvidia-cublas-cu12==12.1.3.1"], ["torch==2.4.1"], site)
+    cpu = bench.assembly_script([], ["tensorflow==2.18.0"], site)
+    # whatever an earlier run left goes first, as root in the container, before the clock starts
+    assert torch.startswith("rm -rf /opt/venv /opt/cuda-libs && s=$(date")
+    assert "--target /opt/cuda-libs nvidia-cublas-cu12==12.1.3.1" in torch and f"ln -s /opt/cuda-libs/nvidia {site}/nvidia" in torch
+    assert "cuda-libs nvidia" not in cpu and "ln -s" not in cpu and "tensorflow==2.18.0" in cpu
+    # no step may fail for want of /opt/cuda-libs (uv with no package exits 2; find on a missing folder exits 1)
+    assert "find /opt -path /opt/.uv-cache -prune" in cpu
