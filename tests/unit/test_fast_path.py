@@ -108,7 +108,7 @@ def test_the_hash_label_is_the_one_builds_write() -> None:
 
 
 HEAVY = ("docker", "jinja2", "pydantic", "yaml", "rich", "builder.matrix", "builder.render", "builder.build",
-         "logging")
+         "logging", "argparse", "signal")
 
 
 def _run_fast(tmp_path: Path, sock: str, *extra: str) -> subprocess.CompletedProcess[str]:
