@@ -158,7 +158,7 @@ def _wheel(version: str, payload: bytes) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("case", ["right wheel", "hash mismatch", "no wheel"])
+@pytest.mark.parametrize("case", ["right wheel", "hash mismatch", "no wheel", "unhashed first", "unhashed only"])
 def test_the_direct_form_takes_uv_for_this_machine_checked_against_the_index_hash(tmp_path, case):
     """The uv fetch as the image's Python runs it: of the pinned release, the manylinux wheel for this machine
     (never musllinux, another release or another machine), its sha256 checked, its binary made executable."""
@@ -171,13 +171,24 @@ def test_the_direct_form_takes_uv_for_this_machine_checked_against_the_index_has
         f"uv-{version}-py3-none-manylinux_2_17_{other}.manylinux2014_{other}.whl": _wheel(version, b"other arch"),
         f"uv-0.13.80-py3-none-manylinux_2_17_{machine}.whl": _wheel("0.13.80", b"other release"),
     }
-    name = f"uv-{version}-py3-none-manylinux_2_17_{machine}.manylinux2014_{machine}.whl"
+    # uv's own aarch64 wheel names both tags: manylinux2014_aarch64.musllinux_1_1_aarch64
+    tags = f"manylinux_2_17_{machine}.manylinux2014_{machine}" + (".musllinux_1_1_aarch64" if machine == "aarch64" else "")
+    name = f"uv-{version}-py3-none-{tags}.whl"
     wheels = {**decoys, name: right} if case != "no wheel" else decoys
-    digest = hashlib.sha256(b"tampered" if case == "hash mismatch" else right).hexdigest()
+    digest = hashlib.sha256(b"tampered" if case == "hash mismatch" else right).hexdigest().upper()  # either case
     anchors = [f'<a href="/files/T{i}/{n}#sha256={hashlib.sha256(w).hexdigest() if n != name else digest}">{n}</a>'
                for i, (n, w) in enumerate(wheels.items())]
+    if case == "unhashed only":
+        # a link to the wheel's metadata file with that file's hash: the hash is never taken for the wheel's
+        metadata = hashlib.sha256(b"Name: uv\n").hexdigest()
+        anchors = [f'<a href="/links/0/{name}.metadata#sha256={metadata}">m</a>', f'<a href="/links/0/{name}">{name}</a>']
+        _Packages.files = {f"/links/0/{name}": right}
+    else:
+        _Packages.files = {f"/files/T{i}/{n}": w for i, (n, w) in enumerate(wheels.items())}
+    if case == "unhashed first":  # a local wheelhouse's tampered copy listed before the index's hashed link
+        anchors.insert(0, f'<a href="/links/0/{name}">{name}</a>')
+        _Packages.files[f"/links/0/{name}"] = _wheel(version, b"tampered")
     _Packages.page = "<html><body>\n" + "<br/>\n".join(anchors) + "\n</body></html>\n"
-    _Packages.files = {f"/files/T{i}/{n}": w for i, (n, w) in enumerate(wheels.items())}
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Packages)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -186,10 +197,12 @@ def test_the_direct_form_takes_uv_for_this_machine_checked_against_the_index_has
                               env={**os.environ, "http_proxy": f"http://127.0.0.1:{server.server_port}", "no_proxy": ""})
     finally:
         server.shutdown()
+        server.server_close()
     uv = tmp_path / "uv" / "bin" / "uv"
-    if case == "right wheel":
+    if case in ("right wheel", "unhashed first", "unhashed only"):
         assert proc.returncode == 0, proc.stderr
         assert uv.read_bytes() == b"#!/bin/sh\necho right\n" and os.access(uv, os.X_OK)
+        assert ("is not checked" in proc.stderr) == (case == "unhashed only")
     else:
         assert proc.returncode != 0 and not uv.exists()
         expected = "fails its sha256" if case == "hash mismatch" else f"no uv {version} wheel for {machine}"
