@@ -228,8 +228,7 @@ def decomposition(steps: list[list[Any]]) -> str:
     parts = {"OS Python (apt)": 0.0, until: 0.0, "install steps after it (layer commit)": 0.0,
              "export (COPY --from=builder, copy and commit)": 0.0, "other steps": 0.0}
     for step in steps:
-        text, seconds = str(step[1]), float(step[2])
-        after = min(float(step[3]), seconds) if len(step) > 3 and step[3] is not None else 0.0
+        text, seconds, after = str(step[1]), float(step[2]), after_output(step)
         if is_install_step(text):
             parts[until] += seconds - after
             parts["install steps after it (layer commit)"] += after
@@ -241,12 +240,17 @@ def decomposition(steps: list[list[Any]]) -> str:
     return ", ".join(f"{name} {s:.0f} s ({s / total:.0%})" for name, s in parts.items() if s or "(fetch" in name)
 
 
+def after_output(step: list[Any]) -> float:
+    """A record step's seconds after its last output line (the classic builder's commit of a RUN); 0 where the
+    record kept none (older records, steps with no output)."""
+    return min(float(step[3]), float(step[2])) if len(step) > 3 and step[3] is not None else 0.0
+
+
 def commit_share(builder: list[list[Any]], naive: list[list[Any]]) -> str:
     """Both builds' time with their install steps' layer commits taken out: what the engine's commit (the layer
     tarred and written again into its store, the same for any classic build of these bytes) leaves to compare."""
     def commit(steps: list[list[Any]]) -> float:
-        return sum(min(float(s[3]), float(s[2])) for s in steps
-                   if is_install_step(str(s[1])) and len(s) > 3 and s[3] is not None)
+        return sum(after_output(s) for s in steps if is_install_step(str(s[1])))
 
     def total(steps: list[list[Any]]) -> float:
         return sum(float(s[2]) for s in steps)
@@ -746,7 +750,7 @@ def assembled_row(bench: Bench, cell: dict[str, Any], cache: Path, b_warm: float
 
     try:
         return _assembled(bench, cell, cache, b_warm, warm_steps, naive_warm, name, image, parent)
-    except (docker.errors.DockerException, OSError, ValueError, IndexError) as exc:  # a prototype: say why, go on
+    except (docker.errors.DockerException, OSError, ValueError, LookupError) as exc:  # a prototype: say why, go on
         return Row(name=name, figure=None, baseline=naive_warm, unit="s", target="<= 0.5", limit=0.5, runs="-",
                    how="not measured", note=f"the prototype failed on this cell: {type(exc).__name__}: {exc}"[:400])
 
