@@ -8,8 +8,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# --- Python 3.11 (system), before any CUDA or framework layer. `apt-get clean`:
-# a debootstrapped base keeps every downloaded .deb (no docker-clean hook), and the image promises empty caches.
+# --- Python 3.11 (system), before any CUDA or framework layer. `apt-get clean`: a base
+# without the official images' docker-clean hook would keep every downloaded .deb, and the image promises empty caches.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && apt-get clean \

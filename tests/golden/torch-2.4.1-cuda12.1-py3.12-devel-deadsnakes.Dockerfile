@@ -8,8 +8,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# --- Python 3.12 (deadsnakes), before any CUDA or framework layer. `apt-get clean`:
-# a debootstrapped base keeps every downloaded .deb (no docker-clean hook), and the image promises empty caches.
+# --- Python 3.12 (deadsnakes), before any CUDA or framework layer. `apt-get clean`: a base
+# without the official images' docker-clean hook would keep every downloaded .deb, and the image promises empty caches.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
  && add-apt-repository -y ppa:deadsnakes/ppa \

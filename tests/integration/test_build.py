@@ -42,6 +42,21 @@ def test_torch_cell_is_built_as_claimed(engine, work, torch_built):
     assert torch_built["upstream_bytes"] > 1_000_000_000  # a fresh cache: everything came from upstream
 
 
+def test_the_image_has_the_official_slim_bases_build_configuration_and_trim(engine, work, torch_built):
+    """The bootstrapped base (no registry here) is set up as Debian's slim images are, and its path filters kept
+    the Python packages' documentation out of the layer apt wrote on it: of its files only copyright notices
+    remain (dpkg still makes a filtered package's folders and links, as on the official image)."""
+    info = engine.image(TORCH_TAG)
+    assert info is not None
+    out = run_python(engine, info.id, "import glob, os; print(sorted(os.listdir('/etc/dpkg/dpkg.cfg.d')), "
+                     "open('/etc/dpkg/dpkg.cfg.d/docker-apt-speedup').read().strip(), "
+                     "sorted({os.path.basename(p) for p in glob.glob('/usr/share/doc/**', recursive=True) "
+                     "if os.path.isfile(p) and not os.path.islink(p)}), "
+                     "[p for p in glob.glob('/usr/share/man/**', recursive=True) if os.path.isfile(p)], "
+                     "os.path.isdir('/usr/share/doc/python3.11'))")
+    assert out == "['docker', 'docker-apt-speedup'] force-unsafe-io ['copyright'] [] True"
+
+
 def test_second_build_is_up_to_date_and_builds_nothing(engine, work, torch_built):
     proc = work.cli("build", *TORCH, check=True)
     row = next(line for line in proc.stdout.splitlines() if line.startswith(TORCH_TAG))

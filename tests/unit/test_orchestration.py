@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from builder import certify as certify_mod
-from builder.bases import ensure_base
+from builder.bases import ensure_base, slim
 from builder.build import BuildOptions, build_cells
 from builder.certify import (
     CertifyOptions,
@@ -363,6 +363,42 @@ def test_a_base_that_cannot_be_pulled_is_bootstrapped(tmp_path, monkeypatch):
     image_id, how = ensure_base(engine, CUDA_CELL.base)
     assert how == "bootstrapped" and [c[0] for c in engine.calls] == ["pull", "import"]
     assert engine.image(CUDA_CELL.base.image).id == image_id
+
+
+def test_a_bootstrapped_tree_gets_the_official_slim_images_configuration_and_trim(tmp_path):
+    root = tmp_path
+    files = {
+        "usr/share/doc/bash/copyright": "kept", "usr/share/doc/bash/README.gz": "cut",
+        "usr/share/doc/dash/changelog.gz": "cut", "usr/share/man/man1/ls.1.gz": "cut",
+        "usr/share/locale/locale.alias": "kept", "usr/share/locale/de/LC_MESSAGES/dpkg.mo": "cut",
+        "usr/share/info/dir": "cut", "usr/share/zoneinfo/UTC": "kept", "usr/share/lintian/overrides/x": "cut",
+    }
+    for name, what in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(what)
+    (root / "usr/share/doc/sh").symlink_to("dash")  # dangling once dash's folder is empty
+    (root / "usr/share/doc/bash-copy").symlink_to("bash")  # still points at a kept folder
+    # Absolute links are the tree's: /etc/passwd exists on this machine but not in the tree, and the alternative
+    # that the manual page's link goes through points at a page that is cut.
+    (root / "usr/share/man/man1/passwd.5.gz").symlink_to("/etc/passwd")
+    (root / "etc/alternatives").mkdir(parents=True)
+    (root / "etc/alternatives/ls.1.gz").symlink_to("/usr/share/man/man1/ls.1.gz")
+    (root / "usr/share/man/man1/dir.1.gz").symlink_to("/etc/alternatives/ls.1.gz")
+    (root / "usr/share/doc/bash/bashref").symlink_to("/usr/share/doc/bash/copyright")
+    slim(str(root))
+    assert (root / "etc/dpkg/dpkg.cfg.d/docker-apt-speedup").read_text() == "force-unsafe-io\n"
+    assert "Dir::Cache::pkgcache" in (root / "etc/apt/apt.conf.d/docker-clean").read_text()
+    assert 'Acquire::Languages "none"' in (root / "etc/apt/apt.conf.d/docker-no-languages").read_text()
+    assert 'GzipIndexes "true"' in (root / "etc/apt/apt.conf.d/docker-gzip-indexes").read_text()
+    assert os.access(root / "usr/sbin/policy-rc.d", os.X_OK)
+    dpkg = (root / "etc/dpkg/dpkg.cfg.d/docker").read_text().splitlines()
+    assert "path-exclude /usr/share/doc/*" in dpkg and "path-include /usr/share/doc/*/copyright" in dpkg
+    assert dpkg.index("path-include /usr/share/doc/*/copyright") > dpkg.index("path-exclude /usr/share/doc/*")
+    left = sorted(str(p.relative_to(root)) for p in (root / "usr").rglob("*") if p.is_file() or p.is_symlink())
+    assert left == ["usr/sbin/policy-rc.d", "usr/share/doc/bash-copy", "usr/share/doc/bash/bashref",
+                    "usr/share/doc/bash/copyright",
+                    "usr/share/locale/locale.alias", "usr/share/zoneinfo/UTC"]
+    assert (root / "usr/share/man").is_dir() and not any((root / "usr/share/man").iterdir())
 
 
 def test_every_way_failing_names_each_and_what_to_do(monkeypatch):
