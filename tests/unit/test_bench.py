@@ -423,3 +423,52 @@ def test_the_assembly_script_installs_cuda_only_where_the_lock_has_nvidia_wheels
     assert "cuda-libs nvidia" not in cpu and "ln -s" not in cpu and "tensorflow==2.18.0" in cpu
     # no step may fail for want of /opt/cuda-libs (uv with no package exits 2; find on a missing folder exits 1)
     assert "find /opt -path /opt/.uv-cache -prune" in cpu
+
+
+def _wheel(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as wheel:
+        for name, data in members.items():
+            wheel.writestr(name, data)
+    return path
+
+
+def test_inflating_counts_every_members_bytes_on_the_workers(tmp_path: Path) -> None:
+    a = _wheel(tmp_path / "a.whl", {"a/big.so": b"\0" * 3_000_000, "a/x.py": b"x = 1\n"})
+    b = _wheel(tmp_path / "b.whl", {"b/y.py": b"y" * 70_000})
+    seconds, inflated = bench.inflate_seconds([b, a], 2)
+    assert inflated == 3_000_000 + 6 + 70_000 and seconds >= 0
+    assert bench.inflate_seconds([], 2)[1] == 0
+
+
+def test_the_engine_floor_is_each_builds_lesser_commit_and_apt_step() -> None:
+    builder = [[4, "RUN apt-get update", 10.0, 1.0], [8, "RUN export UV_INDEX_URL=x", 30.0, 18.0],
+               [9, "RUN python3 -m venv /opt/venv  && export UV_INDEX_URL=x", 36.0, 19.0], [10, "ENV A=1", 4.0, None]]
+    naive = [[2, "RUN apt-get update && apt-get install -y python3", 12.0, 1.0],
+             [4, "RUN python3 -m venv /opt/venv && PIP_CERT=/etc/ssl/pip-ca.pem /opt/venv/bin/pip", 100.0, 36.0]]
+    assert bench.engine_floor(builder, naive) == (36.0, 10.0)
+    assert bench.engine_floor([[8, "RUN export UV_INDEX_URL=x", 30.0]], naive) is None
+
+
+def test_the_floor_row_inflates_the_cold_builds_wheels_of_the_lock_from_the_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    _wheel(cache / "ab" / "0123-Torch-2.4.1-cp311-cp311-manylinux1_x86_64.whl", {"torch/lib.so": b"t" * 500_000})
+    _wheel(cache / "cd" / "4567-typing_extensions-4.16.0-py3-none-any.whl", {"t.py": b"t" * 1_000})
+    _wheel(cache / "ef" / "89ab-uv-0.9.0-py3-none-manylinux_2_17_x86_64.whl", {"uv": b"u" * 9_000_000})
+    fetched = {"Torch-2.4.1-cp311-cp311-manylinux1_x86_64.whl": 1, "typing_extensions-4.16.0-py3-none-any.whl": 1,
+               "uv-0.9.0-py3-none-manylinux_2_17_x86_64.whl": 1, "python3_3.11.2-1_amd64.deb": 1,
+               "missing-1.0-py3-none-any.whl": 1}
+    lock = ["torch==2.4.1", "typing-extensions==4.16.0", "missing==1.0"]
+    builder = [[4, "RUN apt-get update", 10.0, 1.0], [8, "RUN export UV_INDEX_URL=x", 30.0, 18.0]]
+    naive = [[2, "RUN apt-get update && apt-get install -y python3", 12.0, 1.0],
+             [4, "RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install x", 100.0, 20.0]]
+    row = bench.floor_row(cache, fetched, lock, builder, naive, 120.0)
+    assert row.figure is not None and 28.0 <= row.figure < 40.0 and row.baseline == 120.0
+    assert "2 wheels" in row.note and "inflated to 1 MB" in row.note  # uv (no pin in the lock) is not installed
+    assert "commits 18 s" in row.note and "OS Python step 10 s" in row.note
+    empty = bench.floor_row(tmp_path / "none", fetched, lock, builder, naive, 120.0)
+    assert empty.figure is None and "not in the package cache" in empty.note
+    assert "no commit split" in bench.floor_row(cache, fetched, lock, [[8, "RUN export UV_INDEX_URL=x", 30.0]],
+                                                naive, 120.0).note
