@@ -39,32 +39,44 @@ _CONFIG = {
     "etc/apt/apt.conf.d/docker-no-languages": 'Acquire::Languages "none";\n',
 }
 _POLICY_RC = "usr/sbin/policy-rc.d"
-SLIM_EXCLUDE = ("/usr/share/doc/*", "/usr/share/groff/*", "/usr/share/info/*", "/usr/share/linda/*",
-                "/usr/share/lintian/overrides/*", "/usr/share/locale/*", "/usr/share/man/*")
-SLIM_INCLUDE = ("/usr/share/doc/*/copyright", "/usr/share/locale/locale.alias")
+# The slim variant's lists as debuerreotype keeps them today (groff's data stays since 2020: groff needs it).
+SLIM_EXCLUDE = ("/usr/share/doc/*", "/usr/share/info/*", "/usr/share/linda/*", "/usr/share/lintian/overrides/*",
+                "/usr/share/locale/*", "/usr/share/man/*", "/usr/share/doc/kde/HTML/*/*", "/usr/share/gnome/help/*/*",
+                "/usr/share/omf/*/*-*.emf")
+SLIM_INCLUDE = ("/usr/share/doc/*/copyright", "/usr/share/doc/kde/HTML/C/*", "/usr/share/gnome/help/*/C/*",
+                "/usr/share/locale/all_languages", "/usr/share/locale/currency/*", "/usr/share/locale/l10n/*",
+                "/usr/share/locale/languages", "/usr/share/locale/locale.alias", "/usr/share/omf/*/*-C.emf")
+
+
+def _write(root: str, name: str, text: str, mode: int = 0o644) -> None:
+    path = os.path.join(root, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(text)
+    os.chmod(path, mode)  # whatever this process's umask: apt run as another user reads them
 
 
 def slim(root: str) -> None:
     """Give the bootstrapped tree at `root` the official slim images' build configuration and trim it to match.
 
-    dpkg matches path-exclude/include with fnmatch, `*` crossing `/`, and so does this trim: what a later
-    package would not be allowed to install is removed now, then the directories and links left empty.
+    dpkg matches path-exclude/include with fnmatch, `*` crossing `/`, and so does this trim: under each excluded
+    folder, every file that a later package would not be allowed to install is removed, then the links left
+    dangling and the folders left empty. Links are read as from inside the tree (a chroot), never this machine.
+    The manual sections' folders are made again, empty: some packages' scripts (openjdk's) link pages into them.
     """
     for name, text in _CONFIG.items():
-        path = os.path.join(root, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as fh:
-            fh.write(text)
-    policy = os.path.join(root, _POLICY_RC)
-    os.makedirs(os.path.dirname(policy), exist_ok=True)
-    with open(policy, "w") as fh:
-        fh.write("#!/bin/sh\n# Packages start no services while an image is built.\nexit 101\n")
-    os.chmod(policy, 0o755)
-    with open(os.path.join(root, "etc/dpkg/dpkg.cfg.d/docker"), "w") as fh:
-        fh.write("".join(f"path-exclude {p}\n" for p in SLIM_EXCLUDE)
-                 + "".join(f"path-include {p}\n" for p in SLIM_INCLUDE))
-    for top in sorted({os.path.dirname(p) for p in SLIM_EXCLUDE}):
+        _write(root, name, text)
+    _write(root, _POLICY_RC, "#!/bin/sh\n# Packages start no services while an image is built.\nexit 101\n", 0o755)
+    _write(root, "etc/dpkg/dpkg.cfg.d/docker", "".join(f"path-exclude {p}\n" for p in SLIM_EXCLUDE)
+           + "".join(f"path-include {p}\n" for p in SLIM_INCLUDE))
+    man = os.path.join(root, "usr/share/man")
+    sections = sorted(n for n in (os.listdir(man) if _inside(root, man) == man and os.path.isdir(man) else [])
+                      if fnmatch.fnmatchcase(n, "man[0-9]"))
+    tops = sorted({os.path.dirname(p) for p in SLIM_EXCLUDE if p.endswith("/*") and "*" not in os.path.dirname(p)})
+    for top in tops:
         where = os.path.join(root, top.lstrip("/"))
+        if _inside(root, where) != where or not os.path.isdir(where):
+            continue  # missing, or reached through a link: nothing of the tree's own to trim
         for current, _, files in os.walk(where):  # first every file that is not kept (links stay for now)
             for name in files:
                 path = os.path.join(current, name)
@@ -76,24 +88,44 @@ def slim(root: str) -> None:
             for current, dirs, files in os.walk(where, topdown=False):
                 for name in files + dirs:
                     path = os.path.join(current, name)
-                    if os.path.islink(path) and not _resolves(root, path):
+                    if os.path.islink(path) and _inside(root, path) is None:
                         os.unlink(path)
                         removed = True
                     elif not os.path.islink(path) and os.path.isdir(path) and not os.listdir(path):
                         os.rmdir(path)
                         removed = True
+    for section in sections:
+        os.makedirs(os.path.join(man, section), exist_ok=True)
 
 
-def _resolves(root: str, path: str) -> bool:
-    """Whether the link at `path` leads to something inside `root`, an absolute target read as from inside it
-    (as in a chroot: /etc/alternatives/... is the tree's, never this machine's)."""
-    for _ in range(40):  # the kernel's own limit on a chain of links
-        if not os.path.islink(path):
-            return os.path.exists(path)
-        target = os.readlink(path)
-        path = os.path.join(root, target.lstrip("/")) if target.startswith("/") else \
-            os.path.join(os.path.dirname(path), target)
-    return False
+def _inside(root: str, path: str) -> str | None:
+    """Where `path` (under `root`) leads with every link on the way read as from inside `root`, as in a chroot:
+    an absolute target starts again at `root`, and `..` stops there. None where it leads to nothing."""
+    todo = os.path.relpath(path, root).split(os.sep)
+    done: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = os.path.join(root, *done, part)  # every folder above `here` is a real one inside the tree
+        if os.path.islink(here):
+            hops += 1
+            if hops > 40:  # the kernel's own limit on a chain of links
+                return None
+            target = os.readlink(here)
+            if target.startswith("/"):
+                done = []
+            todo = target.split("/") + todo
+        elif os.path.lexists(here):
+            done.append(part)
+        else:
+            return None
+    return os.path.join(root, *done)
 
 
 def _kept(root: str, path: str) -> bool:

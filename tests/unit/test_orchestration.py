@@ -366,39 +366,61 @@ def test_a_base_that_cannot_be_pulled_is_bootstrapped(tmp_path, monkeypatch):
 
 
 def test_a_bootstrapped_tree_gets_the_official_slim_images_configuration_and_trim(tmp_path):
-    root = tmp_path
+    root, outside = tmp_path / "root", tmp_path / "outside"
     files = {
         "usr/share/doc/bash/copyright": "kept", "usr/share/doc/bash/README.gz": "cut",
         "usr/share/doc/dash/changelog.gz": "cut", "usr/share/man/man1/ls.1.gz": "cut",
-        "usr/share/locale/locale.alias": "kept", "usr/share/locale/de/LC_MESSAGES/dpkg.mo": "cut",
-        "usr/share/info/dir": "cut", "usr/share/zoneinfo/UTC": "kept", "usr/share/lintian/overrides/x": "cut",
+        "usr/share/man/de/man1/ls.1.gz": "cut", "usr/share/locale/locale.alias": "kept",
+        "usr/share/locale/de/LC_MESSAGES/dpkg.mo": "cut", "usr/share/zoneinfo/UTC": "kept",
+        "usr/share/lintian/overrides/x": "cut", "usr/share/groff/current/font/devps/R": "kept (groff needs it)",
     }
     for name, what in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(what)
-    (root / "usr/share/doc/sh").symlink_to("dash")  # dangling once dash's folder is empty
-    (root / "usr/share/doc/bash-copy").symlink_to("bash")  # still points at a kept folder
-    # Absolute links are the tree's: /etc/passwd exists on this machine but not in the tree, and the alternative
-    # that the manual page's link goes through points at a page that is cut.
-    (root / "usr/share/man/man1/passwd.5.gz").symlink_to("/etc/passwd")
+    (outside / "dir").mkdir(parents=True)
+    (outside / "dir" / "note").write_text("not the tree's")
+    (root / "usr/share/info").symlink_to(outside / "dir")  # a top folder that is a link: never walked into
+    doc = root / "usr/share/doc"
+    (doc / "sh").symlink_to("dash")  # dangling once dash's folder is empty
+    (doc / "bash/dash-notes").symlink_to("../dash")  # seen before dash goes: dangling only on a second pass
+    (doc / "bash-copy").symlink_to("bash")  # still points at a kept folder
+    # Links are the tree's, as in a chroot: /etc/passwd exists on this machine, not in the tree; `..` stops at
+    # the tree's root; a link on the way (etc-host, absolute) is read inside the tree too.
+    (doc / "escape").symlink_to("../../../../../../../../etc/passwd")
+    (doc / "escape-abs").symlink_to("/../../etc/passwd")
+    (root / "etc-host").symlink_to("/etc")
+    (doc / "through").symlink_to("/etc-host/passwd")
     (root / "etc/alternatives").mkdir(parents=True)
     (root / "etc/alternatives/ls.1.gz").symlink_to("/usr/share/man/man1/ls.1.gz")
-    (root / "usr/share/man/man1/dir.1.gz").symlink_to("/etc/alternatives/ls.1.gz")
-    (root / "usr/share/doc/bash/bashref").symlink_to("/usr/share/doc/bash/copyright")
-    slim(str(root))
+    (root / "usr/share/man/man1/dir.1.gz").symlink_to("/etc/alternatives/ls.1.gz")  # to a cut page, by two links
+    (doc / "bash/bashref").symlink_to("/usr/share/doc/bash/copyright")
+    (doc / "loop").symlink_to("loop")
+    old = os.umask(0o077)
+    try:
+        slim(str(root))
+    finally:
+        os.umask(old)
     assert (root / "etc/dpkg/dpkg.cfg.d/docker-apt-speedup").read_text() == "force-unsafe-io\n"
     assert "Dir::Cache::pkgcache" in (root / "etc/apt/apt.conf.d/docker-clean").read_text()
     assert 'Acquire::Languages "none"' in (root / "etc/apt/apt.conf.d/docker-no-languages").read_text()
     assert 'GzipIndexes "true"' in (root / "etc/apt/apt.conf.d/docker-gzip-indexes").read_text()
-    assert os.access(root / "usr/sbin/policy-rc.d", os.X_OK)
+    assert 'SuggestsImportant "false"' in (root / "etc/apt/apt.conf.d/docker-autoremove-suggests").read_text()
+    assert "exit 101" in (root / "usr/sbin/policy-rc.d").read_text()
+    assert (root / "usr/sbin/policy-rc.d").stat().st_mode & 0o777 == 0o755
+    for conf in [*(root / "etc/apt/apt.conf.d").iterdir(), *(root / "etc/dpkg/dpkg.cfg.d").iterdir()]:
+        assert conf.stat().st_mode & 0o777 == 0o644, conf  # readable whatever the umask was
     dpkg = (root / "etc/dpkg/dpkg.cfg.d/docker").read_text().splitlines()
     assert "path-exclude /usr/share/doc/*" in dpkg and "path-include /usr/share/doc/*/copyright" in dpkg
     assert dpkg.index("path-include /usr/share/doc/*/copyright") > dpkg.index("path-exclude /usr/share/doc/*")
+    assert not any("groff" in line for line in dpkg)
     left = sorted(str(p.relative_to(root)) for p in (root / "usr").rglob("*") if p.is_file() or p.is_symlink())
     assert left == ["usr/sbin/policy-rc.d", "usr/share/doc/bash-copy", "usr/share/doc/bash/bashref",
-                    "usr/share/doc/bash/copyright",
+                    "usr/share/doc/bash/copyright", "usr/share/groff/current/font/devps/R", "usr/share/info",
                     "usr/share/locale/locale.alias", "usr/share/zoneinfo/UTC"]
-    assert (root / "usr/share/man").is_dir() and not any((root / "usr/share/man").iterdir())
+    assert (outside / "dir" / "note").read_text() == "not the tree's"
+    # The manual sections' folders stay, empty (a package's script may link a page into one); others go.
+    assert sorted(p.name for p in (root / "usr/share/man").iterdir()) == ["man1"]
+    assert not any((root / "usr/share/man/man1").iterdir())
 
 
 def test_every_way_failing_names_each_and_what_to_do(monkeypatch):
