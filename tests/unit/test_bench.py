@@ -435,40 +435,57 @@ def _wheel(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
-def test_inflating_counts_every_members_bytes_on_the_workers(tmp_path: Path) -> None:
+def test_inflating_counts_every_members_bytes(tmp_path: Path) -> None:
     a = _wheel(tmp_path / "a.whl", {"a/big.so": b"\0" * 3_000_000, "a/x.py": b"x = 1\n"})
     b = _wheel(tmp_path / "b.whl", {"b/y.py": b"y" * 70_000})
-    seconds, inflated = bench.inflate_seconds([b, a], 2)
-    assert inflated == 3_000_000 + 6 + 70_000 and seconds >= 0
-    assert bench.inflate_seconds([], 2)[1] == 0
+    cpu, inflated = bench.inflate_seconds([b, a])
+    assert inflated == 3_000_000 + 6 + 70_000 and cpu >= 0
+    assert bench.inflate_seconds([])[1] == 0
 
 
-def test_the_engine_floor_is_each_builds_lesser_commit_and_apt_step() -> None:
-    builder = [[4, "RUN apt-get update", 10.0, 1.0], [8, "RUN export UV_INDEX_URL=x", 30.0, 18.0],
-               [9, "RUN python3 -m venv /opt/venv  && export UV_INDEX_URL=x", 36.0, 19.0], [10, "ENV A=1", 4.0, None]]
-    naive = [[2, "RUN apt-get update && apt-get install -y python3", 12.0, 1.0],
-             [4, "RUN python3 -m venv /opt/venv && PIP_CERT=/etc/ssl/pip-ca.pem /opt/venv/bin/pip", 100.0, 36.0]]
-    assert bench.engine_floor(builder, naive) == (36.0, 10.0)
-    assert bench.engine_floor([[8, "RUN export UV_INDEX_URL=x", 30.0]], naive) is None
+BUILDER_STEPS = [[4, "RUN apt-get update", 10.0, 1.0], [8, "RUN export UV_INDEX_URL=x", 30.0, 18.0],
+                 [9, "RUN python3 -m venv /opt/venv  && export UV_INDEX_URL=x", 36.0, 19.0], [10, "ENV A=1", 4.0, None]]
+NAIVE_STEPS = [[2, "RUN apt-get update && apt-get install -y python3", 12.0, 1.0],
+               [4, "RUN python3 -m venv /opt/venv && PIP_CERT=/etc/ssl/pip-ca.pem /opt/venv/bin/pip", 100.0, 36.0]]
 
 
-def test_the_floor_row_inflates_the_cold_builds_wheels_of_the_lock_from_the_cache(tmp_path: Path) -> None:
+def test_the_shared_parts_are_each_builds_lesser_commit_and_apt_step() -> None:
+    assert bench.shared_parts(BUILDER_STEPS, NAIVE_STEPS) == (36.0, 10.0)
+    assert bench.shared_parts(NAIVE_STEPS, BUILDER_STEPS) == (36.0, 10.0)
+    # No split for one install step, or no apt step on one side: nothing to compare, never a 0 taken as a part.
+    unsplit = [BUILDER_STEPS[0], [8, "RUN export UV_INDEX_URL=x", 30.0], BUILDER_STEPS[2]]
+    assert bench.shared_parts(unsplit, NAIVE_STEPS) is None
+    assert bench.shared_parts(BUILDER_STEPS, NAIVE_STEPS[1:]) is None
+
+
+def test_only_the_locked_versions_wheels_are_inflated_one_copy_each(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    _wheel(cache / "ab" / "0123-Torch-2.4.1-cp311-cp311-manylinux1_x86_64.whl", {"torch/lib.so": b"t" * 500_000})
-    _wheel(cache / "cd" / "4567-typing_extensions-4.16.0-py3-none-any.whl", {"t.py": b"t" * 1_000})
-    _wheel(cache / "ef" / "89ab-uv-0.9.0-py3-none-manylinux_2_17_x86_64.whl", {"uv": b"u" * 9_000_000})
-    fetched = {"Torch-2.4.1-cp311-cp311-manylinux1_x86_64.whl": 1, "typing_extensions-4.16.0-py3-none-any.whl": 1,
-               "uv-0.9.0-py3-none-manylinux_2_17_x86_64.whl": 1, "python3_3.11.2-1_amd64.deb": 1,
-               "missing-1.0-py3-none-any.whl": 1}
-    lock = ["torch==2.4.1", "typing-extensions==4.16.0", "missing==1.0"]
-    builder = [[4, "RUN apt-get update", 10.0, 1.0], [8, "RUN export UV_INDEX_URL=x", 30.0, 18.0]]
-    naive = [[2, "RUN apt-get update && apt-get install -y python3", 12.0, 1.0],
-             [4, "RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install x", 100.0, 20.0]]
-    row = bench.floor_row(cache, fetched, lock, builder, naive, 120.0)
-    assert row.figure is not None and 28.0 <= row.figure < 40.0 and row.baseline == 120.0
-    assert "2 wheels" in row.note and "inflated to 1 MB" in row.note  # uv (no pin in the lock) is not installed
-    assert "commits 18 s" in row.note and "OS Python step 10 s" in row.note
-    empty = bench.floor_row(tmp_path / "none", fetched, lock, builder, naive, 120.0)
+    _wheel(cache / "ab" / "0123-Torch-2.4.1%2Bcu121-cp311-cp311-linux_x86_64.whl", {"t.so": b"t" * 10})
+    _wheel(cache / "cd" / "4567-Torch-2.4.1%2Bcu121-cp311-cp311-linux_x86_64.whl", {"t.so": b"t" * 10})
+    _wheel(cache / "ef" / "89ab-typing_extensions-4.16.0-py3-none-any.whl", {"t.py": b"t"})
+    _wheel(cache / "ef" / "cdef-typing_extensions-4.15.0-py3-none-any.whl", {"t.py": b"t"})  # its metadata only
+    _wheel(cache / "01" / "2345-odd[name]-1.0-py3-none-any.whl", {"o.py": b"o"})
+    _wheel(cache / "01" / "6789-oddXname]-1.0-py3-none-any.whl", {"o.py": b"o"})
+    fetched = {"Torch-2.4.1%2Bcu121-cp311-cp311-linux_x86_64.whl": 1, "typing_extensions-4.16.0-py3-none-any.whl": 1,
+               "typing_extensions-4.15.0-py3-none-any.whl": 1, "uv-0.9.0-py3-none-manylinux_2_17_x86_64.whl": 1,
+               "python3_3.11.2-1_amd64.deb": 1, "odd[name]-1.0-py3-none-any.whl": 1, "missing-1.0-py3-none-any.whl": 1}
+    lock = ["torch==2.4.1+cu121", "typing-extensions==4.16.0", "missing==1.0", "pip==23.0.1", "odd==1.0"]
+    found, pinned = bench.locked_wheels(cache, fetched, lock)
+    assert [p.name for p in found] == ["0123-Torch-2.4.1%2Bcu121-cp311-cp311-linux_x86_64.whl",
+                                       "89ab-typing_extensions-4.16.0-py3-none-any.whl"] and pinned == 5
+
+
+def test_the_shared_row_adds_the_inflate_spread_over_the_cores(tmp_path: Path, monkeypatch) -> None:
+    cache = tmp_path / "cache"
+    _wheel(cache / "ab" / "0123-torch-2.4.1-cp311-cp311-manylinux1_x86_64.whl", {"torch/lib.so": b"t" * 500_000})
+    fetched = {"torch-2.4.1-cp311-cp311-manylinux1_x86_64.whl": 1}
+    monkeypatch.setattr(bench, "inflate_seconds", lambda wheels: (8.0, 2_000_000_000))
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    row = bench.shared_row(cache, fetched, ["torch==2.4.1", "pip==23.0.1"], BUILDER_STEPS, NAIVE_STEPS, 100.0)
+    assert row.figure == 36.0 + 10.0 + 4.0 and row.ratio == 0.5 and row.met is None
+    assert "inflating 1 of the lock's 2 pins' wheels" in row.note and "to 2,000 MB" in row.note
+    assert "8.0 CPU seconds, spread evenly over 2 cores 4.0 s" in row.note
+    empty = bench.shared_row(tmp_path / "none", fetched, ["torch==2.4.1"], BUILDER_STEPS, NAIVE_STEPS, 100.0)
     assert empty.figure is None and "not in the package cache" in empty.note
-    assert "no commit split" in bench.floor_row(cache, fetched, lock, [[8, "RUN export UV_INDEX_URL=x", 30.0]],
-                                                naive, 120.0).note
+    unsplit = [[8, "RUN export UV_INDEX_URL=x", 30.0]]
+    assert "commit split" in bench.shared_row(cache, fetched, ["torch==2.4.1"], unsplit, NAIVE_STEPS, 100.0).note
