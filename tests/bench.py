@@ -236,7 +236,7 @@ def decomposition(steps: list[list[Any]]) -> str:
             parts[until] += seconds - after
             parts["install steps after it (layer commit)"] += after
         else:
-            parts["OS Python (apt)" if text.startswith("RUN apt-get") else
+            parts["OS Python (apt)" if is_apt_step(text) else
                   "export (COPY --from=builder, copy and commit)" if text.startswith("COPY --from=builder") else
                   "other steps"] += seconds
     total = sum(parts.values()) or 1.0
@@ -249,16 +249,22 @@ def after_output(step: list[Any]) -> float:
     return min(float(step[3]), float(step[2])) if len(step) > 3 and step[3] is not None else 0.0
 
 
+def install_commits(steps: list[list[Any]]) -> float | None:
+    """A build's install steps' seconds after their last output line (their layer commits, with each step's last
+    shell commands); None where the record has no install step or one of them lacks that split."""
+    installs = [s for s in steps if is_install_step(str(s[1]))]
+    if not installs or any(len(s) < 4 or s[3] is None for s in installs):
+        return None
+    return sum(after_output(s) for s in installs)
+
+
 def commit_share(builder: list[list[Any]], naive: list[list[Any]]) -> str:
     """Both builds' time with their install steps' layer commits taken out: what the engine's commit (the layer
     tarred and written again into its store, the same for any classic build of these bytes) leaves to compare."""
-    def commit(steps: list[list[Any]]) -> float:
-        return sum(after_output(s) for s in steps if is_install_step(str(s[1])))
-
     def total(steps: list[list[Any]]) -> float:
         return sum(float(s[2]) for s in steps)
 
-    b, n = commit(builder), commit(naive)
+    b, n = install_commits(builder), install_commits(naive)
     if not b or not n:
         return "(no commit split: a step record without its last-output time)"
     rest_b, rest_n = total(builder) - b, total(naive) - n
@@ -294,16 +300,10 @@ def shared_parts(builder: list[list[Any]], naive: list[list[Any]]) -> tuple[floa
     seconds: the install steps' time after their last output line (mostly the engine's layer commit of the same
     bytes, with the step's last shell commands) and the OS Python step (the same apt packages, indexes fetched
     fresh). None where either build lacks an apt step or a step's commit split."""
-    def commit(steps: list[list[Any]]) -> float | None:
-        installs = [s for s in steps if is_install_step(str(s[1]))]
-        if not installs or any(len(s) < 4 or s[3] is None for s in installs):
-            return None
-        return sum(after_output(s) for s in installs)
-
     def apt(steps: list[list[Any]]) -> float:
-        return sum(float(s[2]) for s in steps if str(s[1]).startswith("RUN apt-get"))
+        return sum(float(s[2]) for s in steps if is_apt_step(str(s[1])))
 
-    b, n = commit(builder), commit(naive)
+    b, n = install_commits(builder), install_commits(naive)
     if b is None or n is None or not apt(builder) or not apt(naive):
         return None
     return min(b, n), min(apt(builder), apt(naive))
@@ -363,6 +363,11 @@ def shared_row(cache: Path, fetched: dict[str, int], lock: list[str], builder: l
 def install_seconds(steps: list[list[Any]]) -> float:
     """The install steps' seconds in a record's steps (three or four items each, as records kept them)."""
     return sum(float(step[2]) for step in steps if is_install_step(str(step[1])))
+
+
+def is_apt_step(instruction: str) -> bool:
+    """The OS Python step: apt installs the base's Python (builder's template and the naive recipe alike)."""
+    return instruction.startswith("RUN apt-get")
 
 
 def is_install_step(instruction: str) -> bool:
