@@ -335,7 +335,9 @@ class _Server6(_Server):
 class PackageProxy:
     """A caching proxy of one or more PEP 503 simple indexes, for the builds of one cell.
 
-    Index pages are fetched fresh; files are cached on disk by URL and shared by every proxy.
+    Index pages are fetched fresh by each proxy, once: every resolution of the build (a direct build resolves
+    in each install step) sees the same index and waits for it once. Files are cached on disk by URL and shared
+    by every proxy.
     `upstream_bytes` counts what this proxy had to download.
     """
 
@@ -367,6 +369,7 @@ class PackageProxy:
         # indexes on one host may hold different ones), and only on that index's scheme and host, as pip does.
         self._sources = [_split_auth(url) for url in [*upstreams, *self.remote_links]]
         self._link_pages: dict[str, str] = {}  # a find-links page, fetched once per proxy
+        self._pages: dict[str, str] = {}  # an index page, rewritten, fetched once per proxy
         # http(s) only, even through a redirect (no file:, ftp: or data: handler).
         self._opener = urllib.request.OpenerDirector()
         for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
@@ -506,7 +509,7 @@ class PackageProxy:
         bodies: list[str] = []
         for i in indexes:
             try:
-                bodies.append(self._rewritten(f"{self.upstreams[i]}/{project}/", i))
+                bodies.append(self._index_page(f"{self.upstreams[i]}/{project}/", i))
             except urllib.error.HTTPError as exc:
                 # A project one index lacks is no error of the merged page: 404, or 403 from an index that needs no
                 # credentials (PyTorch's). A 403 with credentials is theirs: an error, never a silent fall-back.
@@ -529,6 +532,16 @@ class PackageProxy:
             return
         page = "<!DOCTYPE html>\n<html><body>\n" + "<br/>\n".join(anchors) + "\n</body></html>\n"
         self._send(req, page.encode(), "text/html; charset=utf-8")
+
+    def _index_page(self, url: str, source: int) -> str:
+        """An index's page, rewritten, once per proxy. A failure is not kept: the next request asks again."""
+        with self._lock:
+            page = self._pages.get(url)
+        if page is None:
+            page = self._rewritten(url, source)
+            with self._lock:
+                self._pages[url] = page
+        return page
 
     def _link_page(self, url: str, source: int) -> str:
         """A find-links page, rewritten, once per proxy (every project's page reads it). One that cannot be read

@@ -946,6 +946,12 @@ def _assembled(bench: Bench, cell: dict[str, Any], cache: Path, b_warm: float, w
                     f"{'yes' if same else 'NO'}; {framework} in it: {smoke.decode().strip()}")
 
 
+def engine_line(version: dict[str, Any]) -> str:
+    """The engine both sides build on, with the Go release it was built with: a layer commit is mostly the
+    engine digesting the layer, and Go's sha256 uses the CPU's SHA instructions only from Go 1.21."""
+    return f"Docker Engine {version.get('Version', '?')} (built with {version.get('GoVersion', 'Go ?')})"
+
+
 def naive_tag(cell: dict[str, Any]) -> str:
     return f"{REPOSITORY}-naive/{cell['tag'].split('/', 1)[1]}"
 
@@ -1095,8 +1101,9 @@ def main(select: list[str]) -> int:
     if full:
         rows.append(installer_row(bench, one[0], naive_tag(one[0])))
 
+    engine = engine_line(bench.client.version())
     header = (f"# Benchmark: builder against the naive recipe\n\nMeasured {time.strftime('%Y-%m-%d')} on "
-              f"{os.cpu_count()} cores by `make bench`{' (BENCH_FULL=1)' if full else ''}; cell "
+              f"{os.cpu_count()} cores with {engine} by `make bench`{' (BENCH_FULL=1)' if full else ''}; cell "
               f"`{one[0]['tag']}`. Ratio = builder / naive (lower is better).\n\nThe machine's load average "
               f"(1 min) was {load_at_start[0]:.1f} at the start and {os.getloadavg()[0]:.1f} at the end of this "
               f"{(time.monotonic() - started) / 60:.0f}-minute run: other work shares these cores, which is why "
@@ -1104,7 +1111,8 @@ def main(select: list[str]) -> int:
               "them: [bench-notes.md](bench-notes.md).")
     out = os.environ.get("BENCH_OUT", "bench")  # e.g. BENCH_OUT=bench-torch beside the default cell's table
     (DOCS / f"{out}.md").write_text(markdown(rows, header))
-    (DOCS / f"{out}.json").write_text(json.dumps({"select": select, "full": full, "cell": one[0]["tag"], "rows": [
+    (DOCS / f"{out}.json").write_text(json.dumps({"select": select, "full": full, "cell": one[0]["tag"],
+                                                  "engine": engine, "rows": [
         {**asdict(r), "ratio": r.ratio, "met": r.met} for r in rows]}, indent=2) + "\n")
     print(markdown(rows, header))
     cleanup(bench, [one[0]["tag"]])

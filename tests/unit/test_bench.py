@@ -489,3 +489,10 @@ def test_the_shared_row_adds_the_inflate_spread_over_the_cores(tmp_path: Path, m
     assert empty.figure is None and "not in the package cache" in empty.note
     unsplit = [[8, "RUN export UV_INDEX_URL=x", 30.0]]
     assert "commit split" in bench.shared_row(cache, fetched, ["torch==2.4.1"], unsplit, NAIVE_STEPS, 100.0).note
+
+
+def test_the_table_names_the_engine_and_its_go_release() -> None:
+    """Go's sha256 uses SHA instructions from Go 1.21: the engine's build decides much of a commit's time."""
+    assert bench.engine_line({"Version": "20.10.24+dfsg1", "GoVersion": "go1.19.8"}) == \
+        "Docker Engine 20.10.24+dfsg1 (built with go1.19.8)"
+    assert bench.engine_line({}) == "Docker Engine ? (built with Go ?)"
