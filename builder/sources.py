@@ -368,8 +368,7 @@ class PackageProxy:
         # token names its page's source, so that a file gets the credentials of the index that linked it (two
         # indexes on one host may hold different ones), and only on that index's scheme and host, as pip does.
         self._sources = [_split_auth(url) for url in [*upstreams, *self.remote_links]]
-        self._link_pages: dict[str, str] = {}  # a find-links page, fetched once per proxy
-        self._pages: dict[str, str] = {}  # an index page, rewritten, fetched once per proxy
+        self._pages: dict[str, str] = {}  # an index or find-links page, rewritten, fetched once per proxy
         # http(s) only, even through a redirect (no file:, ftp: or data: handler).
         self._opener = urllib.request.OpenerDirector()
         for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
@@ -534,7 +533,8 @@ class PackageProxy:
         self._send(req, page.encode(), "text/html; charset=utf-8")
 
     def _index_page(self, url: str, source: int) -> str:
-        """An index's page, rewritten, once per proxy. A failure is not kept: the next request asks again."""
+        """An index's (or find-links) page, rewritten, once per proxy. A failure is not kept here: the next request
+        asks again."""
         with self._lock:
             page = self._pages.get(url)
         if page is None:
@@ -546,20 +546,14 @@ class PackageProxy:
     def _link_page(self, url: str, source: int) -> str:
         """A find-links page, rewritten, once per proxy (every project's page reads it). One that cannot be read
         offers nothing, as pip skips it with a warning; its error is kept for the build's message."""
-        with self._lock:
-            page = self._link_pages.get(url)
-        if page is None:
-            try:
-                page = self._rewritten(url, source)
-            except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
-                page = ""
-                with self._lock:
-                    # By its number: the URL may hold a token or credentials.
-                    self.errors.append(f"find-links page {source - len(self.upstreams) + 1}: "
-                                       f"{type(exc).__name__}: {exc}")
+        try:
+            return self._index_page(url, source)
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
             with self._lock:
-                self._link_pages[url] = page
-        return page
+                # By its number: the URL may hold a token or credentials. Kept as empty: not asked again.
+                self.errors.append(f"find-links page {source - len(self.upstreams) + 1}: {type(exc).__name__}: {exc}")
+                self._pages[url] = ""
+            return ""
 
     def _rewritten(self, page_url: str, source: int) -> str:
         """The page at `page_url` (of index or find-links page `source`), each of its links made a link to this
