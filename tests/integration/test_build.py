@@ -22,6 +22,72 @@ def run_python(engine, image_id: str, code: str) -> str:
     return result.logs.strip().splitlines()[-1]
 
 
+def _bundle_with_marker(tmp: Path) -> tuple[Path, bytes]:
+    """A copy of the host CA bundle with a unique comment line (OpenSSL ignores text outside PEM blocks)."""
+    source = Path(os.environ.get("PIP_CERT") or ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
+    marker = f"# builder-test-marker-{os.getpid()}-{time.time_ns()}".encode()
+    path = tmp / "ca.pem"
+    path.write_bytes(source.read_bytes() + b"\n" + marker + b"\n")
+    return path, marker
+
+
+# First in the suite, before the torch image exists: a builder-stage build holds the TensorFlow CUDA image twice
+# (stage and final, about 10 GB) at its peak, and CI machines vary in free disk. The image goes when its test ends.
+def test_tf_cell_builds_with_sources_kept_out_of_the_image_and_certifies(engine, work, tmp_path):
+    ca, marker = _bundle_with_marker(tmp_path)
+    index = "https://pypi.org:443/simple"  # a spelling no package would carry
+    proc = work.cli("build", *TF, "--force", "--no-proxy", "--ca-bundle", str(ca), "--index-url", index,
+                    env={"PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": ""}, check=True)
+    assert "built" in proc.stdout
+    try:
+        _sources_are_kept_out(engine, work, marker, index)
+        _tf_certificate_is_cpu_verified(engine, work)
+    finally:
+        engine.remove_images_with_label(TAG, TF_TAG)
+
+
+def _sources_are_kept_out(engine, work, marker: bytes, index: str) -> None:
+    info = engine.image(TF_TAG)
+    assert info is not None
+    lib_path = next(e for e in info.env if e.startswith("LD_LIBRARY_PATH="))
+    assert "/opt/cuda-libs/nvidia/cudnn/lib" in lib_path
+    out = run_python(engine, info.id, "import tensorflow as tf; b = tf.sysconfig.get_build_info(); "
+                     "print(tf.__version__, b['cuda_version'], b['cudnn_version'])")
+    assert out == "2.18.0 12.5.1 9"
+    # The builder stage did see the bundle: its log shows pip reaching the index with it.
+    log = work.store.log_path(TF_TAG).read_text()
+    assert "pypi.org:443" in log
+    needles = [marker, index.encode(), b"builder-sources"]
+    history = " ".join(str(h.get("CreatedBy", "")) for h in engine.history(info.id))
+    config = " ".join([*info.env, *info.labels.values(), *info.labels])
+    for needle in needles[:2]:
+        assert needle.decode() not in history and needle.decode() not in config
+    found = {n: 0 for n in needles}
+    carry = b""
+    for chunk in engine.save(info.id):
+        data = carry + chunk
+        for n in needles:
+            found[n] += data.count(n)
+        carry = data[-256:]
+    assert found[marker] == 0 and found[index.encode()] == 0, found
+
+
+def _tf_certificate_is_cpu_verified(engine, work) -> None:
+    proc = work.cli("certify", *TF)
+    assert proc.returncode == 0, proc.stderr
+    cert = work.certificate(TF_TAG)
+    checks = {c["name"]: c for c in cert["checks"]}
+    assert cert["level"] == "cpu-verified"
+    assert checks["claims.cuda"]["values"]["measured"] == "12.5.1"
+    # measured from the library the image gives TF (cudnnGetVersion: 90300), not read off the wheel's version
+    assert checks["claims.cudnn"]["values"]["measured"] == "9.3.0"
+    assert checks["claims.cudnn"]["values"]["source"].startswith("cudnnGetVersion() of ")
+    assert "libcudnn" in checks["claims.cudnn"]["values"]["source"]
+    assert checks["claims.cudnn_wheel"]["values"]["measured"] == "9.3.0.75"
+    assert checks["train.cpu.conv"]["status"] == "pass"
+    assert managed_containers(engine) == []
+
+
 def test_torch_cell_is_built_as_claimed(engine, work, torch_built):
     info = engine.image(TORCH_TAG)
     # the built image, or the certificate's stamp on it where certify ran first
@@ -70,6 +136,13 @@ def test_python_only_sibling_fetches_far_less_and_shares_the_cuda_layer(engine, 
     and its CUDA-libraries layer is byte-identical to the py3.11 cell's."""
     work.cli("build", "--framework", "torch==2.4.1", "--cuda", "12.1", "--python", "3.9", "--force", "--no-cache",
              check=True)
+    try:
+        _sibling_shares_only_the_cuda_layer(engine, work, torch_built)
+    finally:  # no later test needs it: its 2.5 GB of own layers go now
+        engine.remove_images_with_label(TAG, SIBLING_TAG)
+
+
+def _sibling_shares_only_the_cuda_layer(engine, work, torch_built) -> None:
     sibling = work.record(SIBLING_TAG)
     first = torch_built["upstream_bytes"]
     assert sibling["upstream_bytes"] < 0.4 * first, (sibling["upstream_bytes"], first)
@@ -81,46 +154,6 @@ def test_python_only_sibling_fetches_far_less_and_shares_the_cuda_layer(engine, 
     # (2.8 GB), made on each base by its own Python, every time pinned
     cuda = [h for h in engine.history(sibling["image_id"]) if "--target /opt/cuda-libs --no-deps" in str(h["CreatedBy"])]
     assert len(cuda) == 1 and cuda[0]["Size"] > 2_000_000_000
-
-
-def _bundle_with_marker(tmp: Path) -> tuple[Path, bytes]:
-    """A copy of the host CA bundle with a unique comment line (OpenSSL ignores text outside PEM blocks)."""
-    source = Path(os.environ.get("PIP_CERT") or ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
-    marker = f"# builder-test-marker-{os.getpid()}-{time.time_ns()}".encode()
-    path = tmp / "ca.pem"
-    path.write_bytes(source.read_bytes() + b"\n" + marker + b"\n")
-    return path, marker
-
-
-def test_tf_cell_builds_with_sources_kept_out_of_the_image(engine, work, tmp_path):
-    ca, marker = _bundle_with_marker(tmp_path)
-    index = "https://pypi.org:443/simple"  # a spelling no package would carry
-    proc = work.cli("build", *TF, "--force", "--no-proxy", "--ca-bundle", str(ca), "--index-url", index,
-                    env={"PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": ""}, check=True)
-    assert "built" in proc.stdout
-    info = engine.image(TF_TAG)
-    assert info is not None
-    lib_path = next(e for e in info.env if e.startswith("LD_LIBRARY_PATH="))
-    assert "/opt/cuda-libs/nvidia/cudnn/lib" in lib_path
-    out = run_python(engine, info.id, "import tensorflow as tf; b = tf.sysconfig.get_build_info(); "
-                     "print(tf.__version__, b['cuda_version'], b['cudnn_version'])")
-    assert out == "2.18.0 12.5.1 9"
-    # The builder stage did see the bundle: its log shows pip reaching the index with it.
-    log = work.store.log_path(TF_TAG).read_text()
-    assert "pypi.org:443" in log
-    needles = [marker, index.encode(), b"builder-sources"]
-    history = " ".join(str(h.get("CreatedBy", "")) for h in engine.history(info.id))
-    config = " ".join([*info.env, *info.labels.values(), *info.labels])
-    for needle in needles[:2]:
-        assert needle.decode() not in history and needle.decode() not in config
-    found = {n: 0 for n in needles}
-    carry = b""
-    for chunk in engine.save(info.id):
-        data = carry + chunk
-        for n in needles:
-            found[n] += data.count(n)
-        carry = data[-256:]
-    assert found[marker] == 0 and found[index.encode()] == 0, found
 
 
 def test_interrupted_build_leaves_no_containers(engine, work, torch_built):

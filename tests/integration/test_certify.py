@@ -1,4 +1,5 @@
-"""Certification of real images: the torch and TF cells, an image that lies, and clean-up on every path."""
+"""Certification of real images: the torch cell, an image that lies, and clean-up on every path (the TensorFlow
+cell's certificate is checked in test_build.py, right after its build)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from builder.gpu import gpu_paths
 from builder.matrix import Selection, expand, load_matrix
 from builder.render import render
 
-from .conftest import TF, TF_TAG, TORCH, TORCH_TAG, interrupt_when, managed_containers
+from .conftest import TORCH, TORCH_TAG, interrupt_when, managed_containers
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -52,24 +53,6 @@ def test_certifying_again_is_current_and_forcing_does_not_stack_layers(engine, w
     assert second.id != first.id
     assert work.certificate(TORCH_TAG)["image"]["id"] == torch_built["image_id"]
     assert len(engine.history(second.id)) == len(engine.history(first.id))
-
-
-def test_tf_certificate(engine, work):
-    if engine.image(TF_TAG) is None:
-        work.cli("build", *TF, check=True)
-    proc = work.cli("certify", *TF)
-    assert proc.returncode == 0, proc.stderr
-    cert = work.certificate(TF_TAG)
-    checks = {c["name"]: c for c in cert["checks"]}
-    assert cert["level"] == "cpu-verified"
-    assert checks["claims.cuda"]["values"]["measured"] == "12.5.1"
-    # measured from the library the image gives TF (cudnnGetVersion: 90300), not read off the wheel's version
-    assert checks["claims.cudnn"]["values"]["measured"] == "9.3.0"
-    assert checks["claims.cudnn"]["values"]["source"].startswith("cudnnGetVersion() of ")
-    assert "libcudnn" in checks["claims.cudnn"]["values"]["source"]
-    assert checks["claims.cudnn_wheel"]["values"]["measured"] == "9.3.0.75"
-    assert checks["train.cpu.conv"]["status"] == "pass"
-    assert managed_containers(engine) == []
 
 
 def _lying_image(engine, work, tmp_path, torch_built):
