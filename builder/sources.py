@@ -533,8 +533,8 @@ class PackageProxy:
         self._send(req, page.encode(), "text/html; charset=utf-8")
 
     def _index_page(self, url: str, source: int) -> str:
-        """An index's (or find-links) page, rewritten, once per proxy. A failure is not kept here: the next request
-        asks again."""
+        """An index's (or find-links) page, rewritten, once per proxy (two first requests at the same moment may
+        each fetch it; the later one is kept). A failure is not kept here: the next request asks again."""
         with self._lock:
             page = self._pages.get(url)
         if page is None:
