@@ -322,6 +322,11 @@ def preferred_ports(key: str) -> list[int]:
 
 
 class _Server(ThreadingHTTPServer):
+    # uv opens a connection per project at once (13 for torch's environment, 25 downloads). socketserver's
+    # backlog of 5 let the kernel drop the other SYNs, which the client sends again a second later: every
+    # resolution and every install waited a second for nothing.
+    request_queue_size = 128
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away mid-reply (pip stopped by a full disk, a build killed) is no error of ours:
         logged at debug, never a traceback on the terminal (socketserver prints one by default)."""
@@ -634,15 +639,13 @@ class PackageProxy:
         if from_cache:
             with self._lock:
                 self.cached_bytes += length
+        # sendfile(2): the kernel copies the bytes, with no Python loop holding the GIL while the install it
+        # serves unpacks on the same cores (torch's 800 MB wheel from the page cache: 0.10 s of CPU, not 0.27 s).
         with path.open("rb") as fh:
-            fh.seek(first)
-            left = length
-            while left > 0:
-                chunk = fh.read(min(left, 1 << 20))
-                if not chunk:
-                    break
-                self._write(req, chunk)
-                left -= len(chunk)
+            try:
+                req.connection.sendfile(fh, first, length)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise _ClientGone from exc
 
     def _apt(self, req: BaseHTTPRequestHandler, url: str) -> None:
         """apt's request as to a forward proxy: only to the base's mirrors, only plain http.

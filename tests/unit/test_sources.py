@@ -560,3 +560,23 @@ def test_a_client_that_hangs_up_is_no_upstream_failure(tmp_path):
             assert sock.recv(1024).startswith(b"HTTP/1.0 200")
         time.sleep(1)
         assert proxy.errors == []
+
+
+def test_the_proxy_queues_a_resolvers_burst_of_connections(tmp_path):
+    """uv connects once per project, all at once. Each connection must be queued by the kernel, not dropped
+    and retried a second later (a backlog of socketserver's default 5 cost every resolution a second)."""
+    import socket
+    import ssl
+    from http.server import BaseHTTPRequestHandler
+
+    proxy = PackageProxy([], tmp_path, ssl.create_default_context())
+    server = proxy._bind(BaseHTTPRequestHandler)  # listening but accepting nothing: only the backlog holds them
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(32):  # a dropped SYN is sent again after a second: a timeout here
+            socks.append(socket.create_connection(server.server_address[:2], timeout=0.5))
+    finally:
+        for sock in socks:
+            sock.close()
+        server.server_close()
+    assert len(socks) == 32
