@@ -38,8 +38,7 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
 # as before, and their dist-info through a .pth file. The build fails if the two resolutions ever disagree on
 # those pins (compared here: pip check does not look at extras such as TensorFlow's and-cuda); pip check, then
 # pip freeze writes the lock. (uv's .lock files are its own, and world-writable: not kept.)
-RUN python3.11 -m venv /opt/venv \
- && export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 UV_HTTP_TIMEOUT=300 \
+RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 UV_HTTP_TIMEOUT=300 \
  && python3.11 -c 'import hashlib, io, os, platform, re, sys, urllib.parse, urllib.request as r, zipfile; \
       index, version, machine = "http://packages.builder.invalid/simple/uv/", "0.13.8", platform.machine(); \
       page = r.urlopen(index, timeout=300).read().decode(); \
@@ -55,6 +54,14 @@ RUN python3.11 -m venv /opt/venv \
       open("/tmp/builder-tools/uv/bin/uv", "wb").write(zipfile.ZipFile(io.BytesIO(data)).read(f"uv-{version}.data/scripts/uv")); \
       os.chmod("/tmp/builder-tools/uv/bin/uv", 0o755)' \
  && printf '%s\n' 'tensorflow==2.15.0' > /tmp/builder-tools/requirements.txt \
+ && python3.11 -m venv --without-pip /opt/venv \
+ && /opt/venv/bin/python -c 'import ensurepip, subprocess, sys; run_pip = ensurepip._run_pip; \
+      by_uv = lambda args, links: subprocess.run(["/tmp/builder-tools/uv/bin/uv", "pip", "install", "--quiet", "--python", sys.executable, \
+        "--no-index", "--find-links", links, *[a for a in args[1:] if a[0] != "-" and a != links]], check=True).returncode; \
+      ensurepip._run_pip = lambda args, paths=None: \
+        by_uv(args, args[args.index("--find-links") + 1]) if "--find-links" in args else run_pip(args, paths); \
+      ensurepip.bootstrap(upgrade=True, default_pip=True)' \
+ && rm -f /opt/venv/.lock /opt/venv/lib/python*/site-packages/*.dist-info/uv_cache.json \
  && /opt/venv/bin/pip freeze --all > /tmp/builder-tools/lock.txt \
  && /tmp/builder-tools/uv/bin/uv pip compile --python python3.11 --no-header --no-annotate \
       -o /tmp/builder-tools/lock.txt /tmp/builder-tools/requirements.txt \

@@ -40,7 +40,7 @@ def test_a_direct_build_has_no_builder_stage_and_names_no_source():
     assert text.count("\nFROM ") == 2 and "AS builder" not in text and "COPY --from" not in text
     assert "/opt/builder-sources" not in text and "127.0.0.1" not in text and "pip.conf" not in text
     cuda = text.index("--target /opt/cuda-libs --no-deps")
-    venv = text.index("-m venv /opt/venv")
+    venv = text.index("-m venv --without-pip /opt/venv")
     assert cuda < venv < text.index("COPY cell.json")
     assert "printf '%s\\n' 'torch==2.4.1' 'torchvision==0.19.1'" in text
     cpu = render(cell("torch-2.4.1-cpu-py3.11")).direct
@@ -207,3 +207,33 @@ def test_the_direct_form_takes_uv_for_this_machine_checked_against_the_index_has
         assert proc.returncode != 0 and not uv.exists()
         expected = "fails its sha256" if case == "hash mismatch" else f"no uv {version} wheel for {machine}"
         assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if "__pycache__" not in p.parts}
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="needs the distribution's Python")
+def test_the_direct_form_seeds_its_venv_as_python_m_venv_does(tmp_path):
+    """The venv is made --without-pip and the Python's own ensurepip then picks the wheels and the arguments,
+    with uv installing where ensurepip would run pip (and compile every .pyc). Run as rendered on this host's
+    distribution Python, it must give what `python -m venv` gives: the same packages and versions, and the same
+    files outside __pycache__ (pip's scripts included), nothing of uv's left behind."""
+    import shutil
+
+    uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+    text = dockerfile(cell("torch-2.4.1-cuda12.1-py3.11"), direct=True).replace("\\\n", " ")
+    start = text.index("python3 -m venv --without-pip /opt/venv")
+    seed = text[start:text.index("&& /opt/venv/bin/pip freeze --all > /tmp/builder-tools/lock.txt", start)]
+    seed = (seed.replace("/opt/venv", str(tmp_path / "seeded")).replace("/tmp/builder-tools/uv/bin/uv", uv)
+            .replace("python3 -m venv", "/usr/bin/python3 -m venv"))
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    subprocess.run(["sh", "-ec", seed], check=True, env={**env, "UV_NO_CACHE": "1"}, timeout=120)
+    subprocess.run(["/usr/bin/python3", "-m", "venv", str(tmp_path / "plain")], check=True, env=env, timeout=120)
+
+    def freeze(venv: str) -> str:
+        return subprocess.run([str(tmp_path / venv / "bin" / "pip"), "freeze", "--all"], check=True, text=True,
+                              capture_output=True, env=env, timeout=60).stdout
+
+    assert freeze("seeded") == freeze("plain") and "pip==" in freeze("seeded")
+    assert _tree(tmp_path / "seeded") == _tree(tmp_path / "plain")
