@@ -224,7 +224,7 @@ def test_the_direct_form_seeds_its_venv_as_python_m_venv_does(tmp_path):
     uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
     text = dockerfile(cell("torch-2.4.1-cuda12.1-py3.11"), direct=True).replace("\\\n", " ")
     start = text.index("python3 -m venv --without-pip /opt/venv")
-    seed = text[start:text.index("&& /opt/venv/bin/pip freeze --all > /tmp/builder-tools/lock.txt", start)]
+    seed = text[start:text.index("&& /tmp/builder-tools/uv/bin/uv pip freeze --python /opt/venv/bin/python", start)]
     seed = (seed.replace("/opt/venv", str(tmp_path / "seeded")).replace("/tmp/builder-tools/uv/bin/uv", uv)
             .replace("python3 -m venv", "/usr/bin/python3 -m venv"))
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
@@ -236,4 +236,8 @@ def test_the_direct_form_seeds_its_venv_as_python_m_venv_does(tmp_path):
                               capture_output=True, env=env, timeout=60).stdout
 
     assert freeze("seeded") == freeze("plain") and "pip==" in freeze("seeded")
+    # what seeds the resolution's output file: uv's freeze of the venv, as pip's would list it (no pip run)
+    seeds = subprocess.run([uv, "pip", "freeze", "--python", str(tmp_path / "seeded" / "bin" / "python")], check=True,
+                           text=True, capture_output=True, env=env, timeout=60).stdout
+    assert seeds == freeze("seeded")
     assert _tree(tmp_path / "seeded") == _tree(tmp_path / "plain")
