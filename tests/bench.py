@@ -980,12 +980,21 @@ def planning_row() -> Row:
 
 
 def main(select: list[str]) -> int:
+    work = Path(tempfile.mkdtemp(prefix="builder-bench-"))
+    try:
+        return run(select, work)
+    finally:
+        # A BENCH_FULL run leaves 6.5 GB here (wheels, package caches, layer tarballs): three runs' worth left
+        # the next one's prototype load without space.
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(select: list[str], work: Path) -> int:
     full = os.environ.get("BENCH_FULL") == "1"
     select = select or DEFAULT_SELECT
     load_at_start, started = os.getloadavg(), time.monotonic()
     rows: list[Row] = [planning_row()]
     print(f"planning: {rows[0].figure:.2f} ms per cell", file=sys.stderr)
-    work = Path(tempfile.mkdtemp(prefix="builder-bench-"))
     # builder as installed: pip byte-compiles a package it installs. Without this, a machine that sets
     # PYTHONDONTWRITEBYTECODE (these do) compiles cli.py and uptodate.py again in every no-op, about 12 ms.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "builder")], capture_output=True, check=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from builder.matrix import expand, load_matrix
 from tests import bench
 
@@ -496,3 +498,20 @@ def test_the_table_names_the_engine_and_its_go_release() -> None:
     assert bench.engine_line({"Version": "20.10.24+dfsg1", "GoVersion": "go1.19.8"}) == \
         "Docker Engine 20.10.24+dfsg1 (built with go1.19.8)"
     assert bench.engine_line({}) == "Docker Engine ? (built with Go ?)"
+
+
+def test_a_run_leaves_no_work_folder_behind_even_when_it_fails(monkeypatch, tmp_path):
+    """Each BENCH_FULL run fills a work folder with about 6.5 GB; kept, three runs filled the disk."""
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+    seen: list[Path] = []
+
+    def fails(select: list[str], work: Path) -> int:
+        (work / "wheels").mkdir()
+        (work / "wheels" / "torch.whl").write_bytes(b"x" * 1024)
+        seen.append(work)
+        raise RuntimeError("a build failed")
+
+    monkeypatch.setattr(bench, "run", fails)
+    with pytest.raises(RuntimeError):
+        bench.main([])
+    assert seen and not seen[0].exists() and list(tmp_path.iterdir()) == []
