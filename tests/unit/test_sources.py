@@ -158,6 +158,19 @@ def test_proxy_serves_local_find_links(tmp_path):
         assert proxy.upstream_bytes == 0
 
 
+def test_an_empty_file_is_served_as_empty_and_no_error(tmp_path):
+    """sendfile(2) refuses a count of 0: an empty file (or an empty range of one) is headers alone."""
+    import ssl
+
+    house = tmp_path / "house"
+    house.mkdir()
+    (house / "empty-1.0-py3-none-any.whl").write_bytes(b"")
+    with PackageProxy([], tmp_path / "c", ssl.create_default_context(), [Path(house)]) as proxy:
+        assert _get(f"{proxy.url}/links/0/empty-1.0-py3-none-any.whl") == b""
+        assert _get(f"{proxy.url}/links/0/empty-1.0-py3-none-any.whl") == b""  # the connection's handler lives on
+        assert proxy.errors == []
+
+
 def test_an_upstream_that_breaks_off_mid_download_is_kept_as_an_error(tmp_path):
     import ssl
     from http.server import BaseHTTPRequestHandler
