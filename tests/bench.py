@@ -985,8 +985,12 @@ def main(select: list[str]) -> int:
         return run(select, work)
     finally:
         # A BENCH_FULL run leaves 6.5 GB here (wheels, package caches, layer tarballs): three runs' worth left
-        # the next one's prototype load without space.
-        shutil.rmtree(work, ignore_errors=True)
+        # the next one's prototype load without space. What cannot go (files a container wrote as another
+        # user) is named.
+        try:
+            shutil.rmtree(work)
+        except OSError as exc:
+            print(f"bench: could not remove all of {work} ({exc}): remove it by hand", file=sys.stderr)
 
 
 def run(select: list[str], work: Path) -> int:

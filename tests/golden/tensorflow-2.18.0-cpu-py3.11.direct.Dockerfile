@@ -49,7 +49,7 @@ RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY
       os.chmod("/tmp/builder-tools/uv/bin/uv", 0o755)' \
  && printf '%s\n' 'tensorflow-cpu==2.18.0' > /tmp/builder-tools/requirements.txt \
  && python3 -m venv --without-pip /opt/venv \
- && /opt/venv/bin/python -c 'import ensurepip, subprocess, sys; run_pip = ensurepip._run_pip; \
+ && /opt/venv/bin/python -I -c 'import ensurepip, subprocess, sys; run_pip = ensurepip._run_pip; \
       by_uv = lambda args, links: subprocess.run(["/tmp/builder-tools/uv/bin/uv", "pip", "install", "--quiet", "--python", sys.executable, \
         "--no-index", "--find-links", links, *[a for a in args[1:] if a[0] != "-" and a != links]], check=True).returncode; \
       ensurepip._run_pip = lambda args, paths=None: \

@@ -213,15 +213,20 @@ def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if "__pycache__" not in p.parts}
 
 
-@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="needs the distribution's Python")
+def _has_ensurepip(python: str) -> bool:
+    return Path(python).exists() and subprocess.run([python, "-c", "import ensurepip"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _has_ensurepip("/usr/bin/python3"), reason="needs the distribution's Python with its venv")
 def test_the_direct_form_seeds_its_venv_as_python_m_venv_does(tmp_path):
     """The venv is made --without-pip and the Python's own ensurepip then picks the wheels and the arguments,
     with uv installing where ensurepip would run pip (and compile every .pyc). Run as rendered on this host's
     distribution Python, it must give what `python -m venv` gives: the same packages and versions, and the same
-    files outside __pycache__ (pip's scripts included), nothing of uv's left behind."""
+    file names outside __pycache__ (pip's scripts included; RECORD and INSTALLER name uv), none of uv's own."""
     import shutil
 
-    uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+    uv = str(Path(sys.executable).with_name("uv"))  # the dev install's uv, pinned as the matrix's installer
+    uv = uv if Path(uv).exists() else shutil.which("uv") or uv
     text = dockerfile(cell("torch-2.4.1-cuda12.1-py3.11"), direct=True).replace("\\\n", " ")
     start = text.index("python3 -m venv --without-pip /opt/venv")
     seed = text[start:text.index("&& /tmp/builder-tools/uv/bin/uv pip freeze --python /opt/venv/bin/python", start)]
@@ -236,6 +241,9 @@ def test_the_direct_form_seeds_its_venv_as_python_m_venv_does(tmp_path):
                               capture_output=True, env=env, timeout=60).stdout
 
     assert freeze("seeded") == freeze("plain") and "pip==" in freeze("seeded")
+    # uv installed them (a fall-back to ensurepip's pip run would pass the rest, only slower)
+    installers = {p.read_text().strip() for p in (tmp_path / "seeded").glob("lib/python3*/site-packages/*.dist-info/INSTALLER")}
+    assert installers == {"uv"}
     # what seeds the resolution's output file: uv's freeze of the venv, as pip's would list it (no pip run)
     seeds = subprocess.run([uv, "pip", "freeze", "--python", str(tmp_path / "seeded" / "bin" / "python")], check=True,
                            text=True, capture_output=True, env=env, timeout=60).stdout
