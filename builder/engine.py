@@ -142,6 +142,16 @@ def stale(containers: list[dict[str, Any]], now: float, keep: str | None = None)
     return [c for c in containers if OWNER in (c.get("Labels") or {}) and c["Labels"][OWNER] not in alive]
 
 
+def label_line(labels: dict[str, str]) -> bytes:
+    """One Dockerfile LABEL instruction for `labels`, each value quoted so that the builder takes it verbatim."""
+
+    def quoted(text: str) -> str:  # a line break would end the instruction: it becomes a space
+        text = " ".join(text.splitlines())
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+    return ("LABEL " + " ".join(f"{quoted(k)}={quoted(v)}" for k, v in labels.items()) + "\n").encode()
+
+
 def owner_of(labels: dict[str, str]) -> str:
     """Who made a container, for people: `host H, pid P`."""
     return f"host {labels.get(OWNER_HOST, '?')}, pid {labels.get(OWNER_PID, '?')}"
@@ -474,15 +484,17 @@ class Engine:
     ) -> str:
         """Build a context given as files; stream every log line to on_line; return the image id.
 
-        `build_args` are for Docker's predefined proxy arguments only (http_proxy, no_proxy): the classic
-        builder keeps those out of the image, its history and the cache key.
+        `labels` go on as one LABEL instruction at the Dockerfile's end: given to the SDK, Engine 20.10 adds
+        one step per label (about 0.1 s each). `build_args` are for Docker's predefined proxy arguments only
+        (http_proxy, no_proxy): the classic builder keeps those out of the image, its history and the cache key.
 
         Raises BuildFailed on an {"error": ...} event, Interrupted if `stop` is set meanwhile.
         """
-        buf = io.BytesIO(_tar(files))
+        buf = io.BytesIO(_tar({**files, "Dockerfile": files["Dockerfile"].rstrip(b"\n") + b"\n" + label_line(labels)}
+                              if labels else files))
         image_id = None
         stream = self.api.build(
-            fileobj=buf, custom_context=True, tag=tag, labels=labels, rm=True, forcerm=True, pull=False,
+            fileobj=buf, custom_context=True, tag=tag, rm=True, forcerm=True, pull=False,
             network_mode="host", decode=True, nocache=nocache, timeout=BUILD_SILENCE_S, buildargs=build_args or None,
         )
         try:

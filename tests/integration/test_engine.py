@@ -51,3 +51,22 @@ def test_untagged_images_are_not_pruned_while_another_run_is_live(engine):
         other.release(got)
         other.end_lease()
     assert engine.prune_dangling(nothing) == 0  # no live run: the prune runs (and finds nothing of that label)
+
+
+def test_build_labels_are_one_step_and_taken_verbatim(engine):
+    """The build's labels go in as one LABEL instruction (the SDK's labels were one step each on Engine 20.10);
+    quotes, backslashes, `$` and a line break must neither be interpreted nor start an instruction."""
+    import threading
+
+    tag = "builder-test/labels:one-step"
+    labels = {"org.builder.managed": "true", "org.builder.test": 'a "b" \\c $HOME ${x:-y}',
+              "org.builder.test.lines": "one\nRUN false", "org.builder.test.plain": "v1.0"}
+    lines: list[str] = []
+    image_id = engine.build({"Dockerfile": b"FROM debian:bookworm-slim\nCMD [\"true\"]"}, tag=tag, labels=labels,
+                            on_line=lines.append, stop=threading.Event())
+    try:
+        got = engine.api.inspect_image(image_id)["Config"]["Labels"]
+        assert {k: got.get(k) for k in labels} == {**labels, "org.builder.test.lines": "one RUN false"}
+        assert [line for line in lines if line.startswith("Step ")][-1].startswith("Step 3/3 : LABEL ")
+    finally:
+        engine.api.remove_image(image_id, force=True)
