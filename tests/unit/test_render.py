@@ -249,3 +249,32 @@ def test_the_direct_form_seeds_its_venv_as_python_m_venv_does(tmp_path):
                            text=True, capture_output=True, env=env, timeout=60).stdout
     assert seeds == freeze("seeded")
     assert _tree(tmp_path / "seeded") == _tree(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("name", ["torch-2.4.1-cuda12.1-py3.11", "torch-2.4.1-cpu-py3.11"])
+@pytest.mark.parametrize("check_rc", [0, 1])
+def test_the_venv_step_fails_when_pip_check_fails_though_it_runs_beside_freeze(tmp_path, name, check_rc):
+    """pip check runs in the background while pip freeze writes the lock: its status must still decide the step,
+    and its words reach the log. The rendered lines run under sh with a stand-in pip."""
+    text = dockerfile(cell(name), direct=True).replace("\\\n", " ")
+    start = text.index("{ /opt/venv/bin/pip check")
+    tail = text[start:text.index("&& find /opt/venv -name __pycache__", start)]
+    venv, tools = tmp_path / "venv", tmp_path / "tools"
+    (venv / "bin").mkdir(parents=True)
+    tools.mkdir()
+    pins = "nvidia-cudnn-cu12==9.1.0.70\n" if "cuda" in name else ""
+    (tools / "lock.txt").write_text(f"{pins}torch==2.4.1\n")
+    pip = venv / "bin" / "pip"
+    pip.write_text(f"""#!/bin/sh
+if [ "$1" = check ]; then sleep 0.3; echo {'"No broken requirements found."' if check_rc == 0 else
+    '"torch 2.4.1 has requirement sympy, which is not installed."'}; exit {check_rc}; fi
+printf '{pins.replace(chr(10), chr(92) + "n")}Torch==2.4.1\\n'
+""")
+    pip.chmod(0o755)
+    script = tail.replace("/opt/venv", str(venv)).replace("/tmp/builder-tools", str(tools))
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert (venv / "requirements.lock").read_text() == f"{pins}Torch==2.4.1\n"
+    if check_rc == 0:
+        assert done.returncode == 0 and "No broken requirements found." in done.stdout, done
+    else:
+        assert done.returncode == 1 and "has requirement sympy" in done.stderr, done
