@@ -142,14 +142,20 @@ def stale(containers: list[dict[str, Any]], now: float, keep: str | None = None)
     return [c for c in containers if OWNER in (c.get("Labels") or {}) and c["Labels"][OWNER] not in alive]
 
 
-def label_line(labels: dict[str, str]) -> bytes:
-    """One Dockerfile LABEL instruction for `labels`, each value quoted so that the builder takes it verbatim."""
+def with_labels(dockerfile: bytes, labels: dict[str, str]) -> bytes:
+    """`dockerfile` with one LABEL instruction for `labels` at its end (the last stage's), each key and value
+    quoted so that the builder takes it verbatim; any line break in a value becomes a space."""
+    if not labels:
+        return dockerfile
+    if dockerfile.rstrip().endswith(b"\\"):  # the LABEL line would join that instruction, and vanish into it
+        raise BuildFailed("the Dockerfile ends inside a continued instruction: no labels can follow it")
 
-    def quoted(text: str) -> str:  # a line break would end the instruction: it becomes a space
+    def quoted(text: str) -> str:
         text = " ".join(text.splitlines())
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
 
-    return ("LABEL " + " ".join(f"{quoted(k)}={quoted(v)}" for k, v in labels.items()) + "\n").encode()
+    line = "LABEL " + " ".join(f"{quoted(k)}={quoted(v)}" for k, v in labels.items())
+    return dockerfile.rstrip(b"\n") + b"\n" + line.encode() + b"\n"
 
 
 def owner_of(labels: dict[str, str]) -> str:
@@ -490,8 +496,7 @@ class Engine:
 
         Raises BuildFailed on an {"error": ...} event, Interrupted if `stop` is set meanwhile.
         """
-        buf = io.BytesIO(_tar({**files, "Dockerfile": files["Dockerfile"].rstrip(b"\n") + b"\n" + label_line(labels)}
-                              if labels else files))
+        buf = io.BytesIO(_tar({**files, "Dockerfile": with_labels(files["Dockerfile"], labels)}))
         image_id = None
         stream = self.api.build(
             fileobj=buf, custom_context=True, tag=tag, rm=True, forcerm=True, pull=False,

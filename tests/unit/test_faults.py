@@ -289,3 +289,18 @@ def test_a_client_gone_mid_reply_is_no_traceback_from_the_package_proxy(capsys):
     finally:
         server.server_close()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_labels_follow_the_last_instruction_and_never_join_it():
+    """The build's labels are one LABEL line after the Dockerfile's last instruction. Appended after a line that
+    continues (a trailing backslash), the builder would read them as that instruction's words and the image
+    would silently lack them: that is refused."""
+    from builder.errors import BuildFailed
+
+    labels = {"org.builder.hash": "abc", "org.test": 'say "$HOME" \\ once\nagain'}
+    got = engine_mod.with_labels(b'FROM x\nCMD ["true"]', labels)
+    assert got == b'FROM x\nCMD ["true"]\nLABEL "org.builder.hash"="abc" "org.test"="say \\"\\$HOME\\" \\\\ once again"\n'
+    assert engine_mod.with_labels(b"FROM x\n", {}) == b"FROM x\n"
+    for ending in (b"RUN true \\\n", b"RUN true \\  \n", b"RUN true \\\r\n"):
+        with pytest.raises(BuildFailed, match="continued instruction"):
+            engine_mod.with_labels(b"FROM x\n" + ending, labels)
