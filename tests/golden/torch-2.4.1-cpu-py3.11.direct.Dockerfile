@@ -58,6 +58,7 @@ RUN export UV_INDEX_URL=http://packages.builder.invalid/simple UV_INDEX_STRATEGY
         by_uv(args, args[args.index("--find-links") + 1]) if "--find-links" in args else run_pip(args, paths); \
       ensurepip.bootstrap(upgrade=True, default_pip=True)' \
  && rm -f /opt/venv/.lock /opt/venv/lib/python*/site-packages/*.dist-info/uv_cache.json \
+ && sed -i '/^[^,]*[.]dist-info\/uv_cache[.]json,/d' /opt/venv/lib/python*/site-packages/*.dist-info/RECORD \
  && /tmp/builder-tools/uv/bin/uv pip freeze --python /opt/venv/bin/python > /tmp/builder-tools/lock.txt \
  && /tmp/builder-tools/uv/bin/uv pip compile --python python3 --no-header --no-annotate \
       -o /tmp/builder-tools/lock.txt /tmp/builder-tools/requirements.txt \

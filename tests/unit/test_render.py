@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -213,6 +214,11 @@ def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if "__pycache__" not in p.parts}
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and not p.is_symlink() and "__pycache__" not in p.parts}
+
+
 def _has_ensurepip(python: str) -> bool:
     return Path(python).exists() and subprocess.run([python, "-c", "import ensurepip"], capture_output=True).returncode == 0
 
@@ -234,6 +240,16 @@ def test_the_direct_form_seeds_its_venv_as_python_m_venv_does(tmp_path):
             .replace("python3 -m venv", "/usr/bin/python3 -m venv"))
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
     subprocess.run(["sh", "-ec", seed], check=True, env={**env, "UV_NO_CACHE": "1"}, timeout=120)
+    # seeded again a moment later at the same path: the same bytes (uv notes a local wheel's time), so every
+    # build of a venv layer gives the same layer, and RECORD names only files that are there
+    first = _files(tmp_path / "seeded")
+    shutil.rmtree(tmp_path / "seeded")
+    time.sleep(1.1)
+    subprocess.run(["sh", "-ec", seed], check=True, env={**env, "UV_NO_CACHE": "1"}, timeout=120)
+    assert _files(tmp_path / "seeded") == first
+    for record in (tmp_path / "seeded").glob("lib/python3*/site-packages/*.dist-info/RECORD"):
+        for line in record.read_text().splitlines():
+            assert (record.parent.parent / line.rsplit(",", 2)[0]).exists() or "__pycache__" in line, line
     subprocess.run(["/usr/bin/python3", "-m", "venv", str(tmp_path / "plain")], check=True, env=env, timeout=120)
 
     def freeze(venv: str) -> str:
