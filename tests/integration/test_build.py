@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from builder.engine import HASH, MANAGED, TAG
+from tests.bench import REPOSITORY as BENCH_REPOSITORY
+from tests.bench import SMALL_VERSIONS, small_matrix
 
-from .conftest import ROOT, SIBLING_TAG, TF, TF_TAG, TORCH, TORCH_TAG, interrupt_when, managed_containers
+from .conftest import REPOSITORY, ROOT, SIBLING_TAG, TF, TF_TAG, TORCH, TORCH_TAG, interrupt_when, managed_containers
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -154,6 +156,39 @@ def _sibling_shares_only_the_cuda_layer(engine, work, torch_built) -> None:
     # (2.8 GB), made on each base by its own Python, every time pinned
     cuda = [h for h in engine.history(sibling["image_id"]) if "--target /opt/cuda-libs --no-deps" in str(h["CreatedBy"])]
     assert len(cuda) == 1 and cuda[0]["Size"] > 2_000_000_000
+
+
+def _layers_by_step(engine, image_id: str) -> list[tuple[str, str]]:
+    """(the step that made it, its diff id) for each layer: the steps that write a layer (the base's, RUN, COPY,
+    ADD) in history order, paired with RootFS's layers, which are in the same order."""
+    steps = [str(h["CreatedBy"]) for h in reversed(engine.history(image_id))
+             if "#(nop)" not in str(h["CreatedBy"]) or " COPY " in str(h["CreatedBy"]) or " ADD " in str(h["CreatedBy"])]
+    layers = engine.api.inspect_image(image_id)["RootFS"]["Layers"]
+    assert len(steps) == len(layers), (steps, layers)
+    return list(zip(steps, layers, strict=True))
+
+
+def test_a_rebuilt_cell_has_the_same_environment_layer(engine, work, tmp_path):
+    """Built twice from nothing (--force --no-cache), one direct cell gives its venv layer one diff id, so a
+    registry that holds it is not sent it again. uv once noted the seed wheels' time in RECORD, and every build's
+    layer differed. A small cell: `six` stands in for the framework, as in the bench's no-op rows."""
+    text = small_matrix((ROOT / "matrix.yaml").read_text())
+    matrix = tmp_path / "small.yaml"
+    matrix.write_text(text.replace(f"repository: {BENCH_REPOSITORY}-small\n", f"repository: {REPOSITORY}\n", 1))
+    version = SMALL_VERSIONS[0]
+    tag = f"{REPOSITORY}/tensorflow:{version}-cpu-py3.11-runtime-debian12"
+    try:
+        built = []
+        for _ in range(2):
+            work.cli("build", "--framework", f"tensorflow=={version}", "--force", "--no-cache", matrix=matrix,
+                     check=True)
+            built.append(work.record(tag)["image_id"])
+        assert built[0] != built[1]  # two builds, not one answered from the layer cache
+        venv = [[diff for step, diff in _layers_by_step(engine, image) if "-m venv --without-pip /opt/venv" in step]
+                for image in built]
+        assert len(venv[0]) == 1 and venv[0] == venv[1], venv
+    finally:
+        engine.remove_images_with_label(TAG, tag)
 
 
 def test_interrupted_build_leaves_no_containers(engine, work, torch_built):
