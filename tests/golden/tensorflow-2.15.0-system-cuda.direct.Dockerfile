@@ -10,15 +10,28 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # --- Python 3.10 (system), before any CUDA or framework layer. `apt-get clean`: a base
 # without the official images' docker-clean hook would keep every downloaded .deb, and the image promises empty caches.
-RUN apt-get update \
+RUN touch /tmp/.builder-step \
+ && apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && apt-get clean \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* \
+ && find /var/log /var/cache/ldconfig -xdev -type f -newer /tmp/.builder-step -exec truncate -s 0 {} + \
+ && find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /etc/hosts -o -path /etc/hostname \
+      -o -path /etc/resolv.conf \) -prune -o -newer /tmp/.builder-step -exec touch -h -d @0 {} + \
+ && rm /tmp/.builder-step \
+ && touch -h -d @0 /tmp
 
 # --- Final stage: the shared OS and Python layers, then the installed environment and nothing else.
 FROM os
 # --- A non-root user with a numeric UID, so runtimes that refuse root (runAsNonRoot) accept the image.
-RUN useradd --uid 10001 --user-group --create-home --shell /bin/bash app
+# Its password-change day is the epoch's first (SOURCE_DATE_EPOCH; 0 would mean "change at next login"), not today.
+RUN touch /tmp/.builder-step \
+ && SOURCE_DATE_EPOCH=86400 useradd --uid 10001 --user-group --create-home --shell /bin/bash app \
+ && find /var/log /var/cache/ldconfig -xdev -type f -newer /tmp/.builder-step -exec truncate -s 0 {} + \
+ && find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /etc/hosts -o -path /etc/hostname \
+      -o -path /etc/resolv.conf \) -prune -o -newer /tmp/.builder-step -exec touch -h -d @0 {} + \
+ && rm /tmp/.builder-step \
+ && touch -h -d @0 /tmp
 
 # --- CUDA 12.2 from the nvidia/cuda base image.
 ENV NVIDIA_VISIBLE_DEVICES=all \

@@ -168,10 +168,11 @@ def _layers_by_step(engine, image_id: str) -> list[tuple[str, str]]:
     return list(zip(steps, layers, strict=True))
 
 
-def test_a_rebuilt_cell_has_the_same_environment_layer(engine, work, tmp_path):
-    """Built twice from nothing (--force --no-cache), one direct cell gives its venv layer one diff id, so a
-    registry that holds it is not sent it again. uv once noted the seed wheels' time in RECORD, and every build's
-    layer differed. A small cell: `six` stands in for the framework, as in the bench's no-op rows."""
+def test_a_rebuilt_cell_has_the_same_layers(engine, work, tmp_path):
+    """Built twice from nothing (--force --no-cache), one direct cell gives every layer but `cell.json`'s one diff
+    id, so a registry that holds them is not sent them again. Before, uv noted the seed wheels' time in RECORD, and
+    apt, dpkg, ldconfig and useradd wrote the build's times: every build's layers differed. A small cell: `six`
+    stands in for the framework, as in the bench's no-op rows."""
     text = small_matrix((ROOT / "matrix.yaml").read_text())
     matrix = tmp_path / "small.yaml"
     matrix.write_text(text.replace(f"repository: {BENCH_REPOSITORY}-small\n", f"repository: {REPOSITORY}\n", 1))
@@ -184,9 +185,12 @@ def test_a_rebuilt_cell_has_the_same_environment_layer(engine, work, tmp_path):
                      check=True)
             built.append(work.record(tag)["image_id"])
         assert built[0] != built[1]  # two builds, not one answered from the layer cache
-        venv = [[diff for step, diff in _layers_by_step(engine, image) if "-m venv --without-pip /opt/venv" in step]
-                for image in built]
+        layers = [_layers_by_step(engine, image) for image in built]
+        venv = [[diff for step, diff in each if "-m venv --without-pip /opt/venv" in step] for each in layers]
         assert len(venv[0]) == 1 and venv[0] == venv[1], venv
+        # the base, apt's Python, the user and the venv; cell.json's COPY makes /opt/builder now, and stays apart
+        kept = [[diff for step, diff in each if "/opt/builder/cell.json" not in step] for each in layers]
+        assert len(kept[0]) == len(layers[0]) - 1 >= 4 and kept[0] == kept[1], layers
     finally:
         engine.remove_images_with_label(TAG, tag)
 
