@@ -366,8 +366,10 @@ def install_seconds(steps: list[list[Any]]) -> float:
 
 
 def is_apt_step(instruction: str) -> bool:
-    """The OS Python step: apt installs the base's Python (builder's template and the naive recipe alike)."""
-    return instruction.startswith("RUN apt-get")
+    """The OS Python step: apt installs the base's Python (builder's template and the naive recipe alike; the bench
+    builds no devel cell, whose compilers come in a later apt step). A record keeps an instruction's first 80
+    characters: builder's step starts by marking its start time, so `apt-get update` is what is sure to be there."""
+    return instruction.startswith("RUN") and "apt-get update" in instruction
 
 
 def is_install_step(instruction: str) -> bool:

@@ -297,6 +297,23 @@ def test_a_builds_time_is_split_by_what_its_steps_do() -> None:
         "install steps after it (layer commit) 26 s (37%), other steps 4 s (6%)")
 
 
+def test_the_os_python_step_is_found_as_a_record_keeps_it() -> None:
+    """The rendered templates' OS Python step (both forms), cut to a record's 80 characters, and the naive
+    recipe's: each is the apt step; no install step is."""
+    from builder.render import dockerfile
+
+    from .golden import cell
+
+    for direct in (True, False):
+        text = dockerfile(cell("torch-2.4.1-cuda12.1-py3.11"), direct=direct).replace("\\\n", " ")
+        runs = [line for line in text.splitlines() if line.startswith("RUN ")]
+        apt = [line for line in runs if "python3-venv" in line]
+        assert len(apt) == 1 and bench.is_apt_step(apt[0][:80]), apt
+        assert not any(bench.is_apt_step(line[:80]) for line in runs if line not in apt)
+        assert not bench.is_install_step(apt[0][:80])
+    assert bench.is_apt_step("RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv"[:80])
+
+
 def test_an_install_step_counts_whichever_installer_it_names() -> None:
     # A record keeps an instruction's first 80 characters: the venv, pip or uv is what shows.
     for text in ("RUN python3 -m venv /opt/venv  && PIP_CONFIG_FILE=/opt/builder-sources/pip.conf /opt/ve",
