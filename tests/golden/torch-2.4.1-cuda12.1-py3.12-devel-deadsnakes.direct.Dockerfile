@@ -18,7 +18,8 @@ RUN touch /tmp/.builder-step \
  && apt-get purge -y --auto-remove software-properties-common gpg-agent \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* \
- && find /var/log /var/cache/ldconfig -xdev -type f -newer /tmp/.builder-step -exec truncate -s 0 {} + \
+ && find /var/log /var/cache -xdev -type f -newer /tmp/.builder-step \( -path '/var/log/*' -o -name aux-cache \) \
+      -exec truncate -s 0 {} + \
  && find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /etc/hosts -o -path /etc/hostname \
       -o -path /etc/resolv.conf \) -prune -o -newer /tmp/.builder-step -exec touch -h -d @0 {} + \
  && rm /tmp/.builder-step \
@@ -30,7 +31,8 @@ FROM os
 # Its password-change day is the epoch's first (SOURCE_DATE_EPOCH; 0 would mean "change at next login"), not today.
 RUN touch /tmp/.builder-step \
  && SOURCE_DATE_EPOCH=86400 useradd --uid 10001 --user-group --create-home --shell /bin/bash app \
- && find /var/log /var/cache/ldconfig -xdev -type f -newer /tmp/.builder-step -exec truncate -s 0 {} + \
+ && find /var/log /var/cache -xdev -type f -newer /tmp/.builder-step \( -path '/var/log/*' -o -name aux-cache \) \
+      -exec truncate -s 0 {} + \
  && find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /etc/hosts -o -path /etc/hostname \
       -o -path /etc/resolv.conf \) -prune -o -newer /tmp/.builder-step -exec touch -h -d @0 {} + \
  && rm /tmp/.builder-step \
