@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from builder.engine import HASH, MANAGED, TAG
+from tests.bench import METADATA, SMALL_VERSIONS, small_matrix
 from tests.bench import REPOSITORY as BENCH_REPOSITORY
-from tests.bench import SMALL_VERSIONS, small_matrix
 
 from .conftest import REPOSITORY, ROOT, SIBLING_TAG, TF, TF_TAG, TORCH, TORCH_TAG, interrupt_when, managed_containers
 
@@ -159,10 +159,10 @@ def _sibling_shares_only_the_cuda_layer(engine, work, torch_built) -> None:
 
 
 def _layers_by_step(engine, image_id: str) -> list[tuple[str, str]]:
-    """(the step that made it, its diff id) for each layer: the steps that write a layer (the base's, RUN, COPY,
-    ADD) in history order, paired with RootFS's layers, which are in the same order."""
-    steps = [str(h["CreatedBy"]) for h in reversed(engine.history(image_id))
-             if "#(nop)" not in str(h["CreatedBy"]) or " COPY " in str(h["CreatedBy"]) or " ADD " in str(h["CreatedBy"])]
+    """(the step that made it, its diff id) for each layer: the history entries that are not metadata-only (the
+    bench's rule, as its `layer_sizes` pairs them) in history order, paired with RootFS's layers, in the same order."""
+    steps = [str(h["CreatedBy"] or "") for h in reversed(engine.history(image_id))
+             if not METADATA.match(str(h["CreatedBy"] or "").strip())]
     layers = engine.api.inspect_image(image_id)["RootFS"]["Layers"]
     assert len(steps) == len(layers), (steps, layers)
     return list(zip(steps, layers, strict=True))
