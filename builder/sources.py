@@ -30,6 +30,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ NETWORK_SCHEMES = ("tcp", "http", "https", "ssh")
 APT_SOURCES = ("/etc/apt/sources.list", "/etc/apt/sources.list.d/debian.sources",
                "/etc/apt/sources.list.d/ubuntu.sources")
 _HREF = re.compile(r'href="([^"]*)"')
+# The digests a link may carry (PEP 503: hashlib's guaranteed ones; the shake digests have no fixed length).
+_DIGESTS = frozenset(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake"))
 _ANCHOR = re.compile(r"<a\s[^>]*>.*?</a>", re.IGNORECASE | re.DOTALL)
 # A project's name as a simple index's URL names it (PEP 508): one path segment, and never `.` or `..`.
 _PROJECT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
@@ -321,6 +324,72 @@ def preferred_ports(key: str) -> list[int]:
     return [low + (first - low + i) % (high - low) for i in range(PORT_TRIES)]
 
 
+STORED = ".stored"  # beside a cached wheel: the same wheel with every member stored, not deflated, and its record
+
+
+def stored_paths(original: Path) -> tuple[Path, Path]:
+    """Where the stored form of the cached wheel `original` and its record (upstream digest, own sha256) go."""
+    return original.with_name(original.name + STORED), original.with_name(original.name + STORED + ".json")
+
+
+def stored_digest(original: Path, upstream: str) -> str | None:
+    """The sha256 of `original`'s stored form, where one was made from a file that matched `upstream`
+    ("algo=hex", as an index's link fragment gives it); None where there is none to serve."""
+    stored, record = stored_paths(original)
+    try:
+        made = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(made, dict) or str(made.get("upstream", "")).lower() != upstream.lower() or not stored.exists():
+        return None
+    return str(made.get("sha256") or "") or None
+
+
+def store_wheel(original: Path, upstream: str) -> str:
+    """Write `original`, a wheel, again with every member stored (the ZIP method that copies bytes) beside it, and
+    return the new file's sha256. The installer then copies a member instead of inflating it: inflating torch's
+    wheel alone is 7.5 CPU seconds, on one thread, in every build. Members keep their names, order, bytes (so
+    RECORD's hashes) and attributes: the installed tree is the same file for file. Made only from a file that
+    matches `upstream` ("algo=hex", the index's own digest), since the stored form is served under its own hash.
+    """
+    algo, _, expected = upstream.partition("=")
+    digest = hashlib.new(algo)
+    with original.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != expected.lower():
+        raise ValueError(f"it does not match its index's {algo}")
+    stored, record = stored_paths(original)
+    fd, tmp = tempfile.mkstemp(dir=original.parent, prefix=".part-")
+    try:
+        try:
+            with zipfile.ZipFile(original) as wheel, os.fdopen(fd, "wb") as raw, \
+                    zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as out:
+                for member in wheel.infolist():
+                    copy = zipfile.ZipInfo(member.filename, member.date_time)
+                    copy.external_attr, copy.create_system = member.external_attr, member.create_system
+                    copy.file_size = member.file_size  # zipfile writes ZIP64 headers when a member needs them
+                    with wheel.open(member) as src, out.open(copy, "w") as dst:
+                        while chunk := src.read(1 << 20):
+                            dst.write(chunk)
+        except zipfile.BadZipFile as exc:  # a member's CRC, a truncated archive
+            raise ValueError(f"not a whole wheel: {exc}") from exc
+        own = hashlib.sha256()
+        with open(tmp, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                own.update(chunk)
+        os.replace(tmp, stored)
+        # The record last: a page offers the stored form only once both are whole.
+        fd, tmp = tempfile.mkstemp(dir=original.parent, prefix=".part-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"upstream": upstream.lower(), "sha256": own.hexdigest()}, fh)
+        os.replace(tmp, record)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return own.hexdigest()
+
+
 class _Server(ThreadingHTTPServer):
     # uv opens a connection per project at once (13 for torch's environment, 25 downloads). socketserver's
     # backlog of 5 let the kernel drop the other SYNs, which the client sends again a second later: every
@@ -374,6 +443,7 @@ class PackageProxy:
         # indexes on one host may hold different ones), and only on that index's scheme and host, as pip does.
         self._sources = [_split_auth(url) for url in [*upstreams, *self.remote_links]]
         self._pages: dict[str, str] = {}  # an index or find-links page, rewritten, fetched once per proxy
+        self._storing: dict[Path, threading.Thread] = {}  # wheels being written in stored form, joined at exit
         # http(s) only, even through a redirect (no file:, ftp: or data: handler).
         self._opener = urllib.request.OpenerDirector()
         for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
@@ -434,25 +504,27 @@ class PackageProxy:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        for thread in list(self._storing.values()):  # the next build's stored wheels, whole before the run ends
+            thread.join()
 
-    def token(self, url: str, source: int | None = None) -> str:
-        """The /files/ path segment for `url`, linked from a page of `source` (an index or find-links page):
-        both, signed by this proxy."""
-        payload = f"{url}\n{'' if source is None else source}"
+    def token(self, url: str, source: int | None = None, digest: str = "") -> str:
+        """The /files/ path segment for `url`, linked from a page of `source` (an index or find-links page)
+        with `digest` ("algo=hex", the link's own): all three, signed by this proxy."""
+        payload = f"{url}\n{'' if source is None else source}\n{digest}"
         mac = hmac.new(self._key, payload.encode(), hashlib.sha256).hexdigest()[:32]
         return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=") + "." + mac
 
-    def untoken(self, token: str) -> tuple[str, int | None] | None:
-        """The URL and source a token of this proxy names; None for anything else (forged, another proxy's,
-        garbled)."""
+    def untoken(self, token: str) -> tuple[str, int | None, str] | None:
+        """The URL, source and digest a token of this proxy names; None for anything else (forged, another
+        proxy's, garbled)."""
         encoded, _, mac = token.partition(".")
         try:
-            url, _, source = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode().partition("\n")
+            url, source, digest = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode().split("\n")
             index = int(source) if source else None
         except (ValueError, UnicodeDecodeError):
             return None
-        expected = self.token(url, index).partition(".")[2]
-        return (url, index) if mac.isascii() and hmac.compare_digest(mac, expected) else None
+        expected = self.token(url, index, digest).partition(".")[2]
+        return (url, index, digest) if mac.isascii() and hmac.compare_digest(mac, expected) else None
 
     def _auth_for(self, url: str, source: int | None) -> str | None:
         """The credentials of `source` where `url` is on its scheme and host; None elsewhere."""
@@ -486,8 +558,8 @@ class PackageProxy:
                 self._page(req, list(range(len(self.upstreams))), parts[1], merged=True)
             elif len(parts) == 3 and parts[0].isdigit() and parts[1] == "simple":
                 self._page(req, [int(parts[0])], parts[2])
-            elif len(parts) == 3 and parts[0] == "files" and (signed := self.untoken(parts[1])) is not None:
-                self._file(req, *signed, parts[2])
+            elif len(parts) == 3 and parts[0] in ("files", "stored") and (signed := self.untoken(parts[1])) is not None:
+                self._file(req, *signed, parts[2], stored=parts[0] == "stored")
             elif len(parts) in (2, 3) and parts[0] == "links" and parts[1].isdigit():
                 self._link(req, int(parts[1]), parts[2] if len(parts) == 3 else None)
             else:
@@ -576,7 +648,14 @@ class PackageProxy:
                 return match[0]
             absolute, _, fragment = urllib.parse.urljoin(page_url, href).partition("#")
             name = absolute.rsplit("/", 1)[-1]
-            return f'href="/files/{self.token(absolute, source)}/{name}' + (f"#{fragment}" if fragment else "") + '"'
+            # A wheel with the index's digest is offered in stored form where the cache has it, under its own
+            # sha256 (which the installer checks as it would the index's); its token keeps the index's digest.
+            digest = fragment if name.endswith(".whl") and fragment.partition("=")[0] in _DIGESTS else ""
+            stored = stored_digest(self._cache_path(absolute), digest) if digest else None
+            token = self.token(absolute, source, digest)
+            if stored:
+                return f'href="/stored/{token}/{name}#sha256={stored}"'
+            return f'href="/files/{token}/{name}' + (f"#{fragment}" if fragment else "") + '"'
 
         # One pass over the page: a str.replace per link was quadratic (grpcio's page, 11,282 links: 28 s).
         return _HREF.sub(local, body)
@@ -670,40 +749,81 @@ class PackageProxy:
             self.upstream_bytes += len(data)
         self._send(req, data, kind)
 
-    def _file(self, req: BaseHTTPRequestHandler, upstream: str, source: int | None, name: str) -> None:
+    def _file(self, req: BaseHTTPRequestHandler, upstream: str, source: int | None, digest: str, name: str,
+              *, stored: bool = False) -> None:
         base = upstream.rsplit("/", 1)[-1]
+        auth = self._auth_for(upstream, source)
         if base and name == f"{base}.metadata":  # the PEP 658 metadata beside a wheel: nothing else is added
-            upstream += ".metadata"
-        self._cached(req, upstream, name, self._auth_for(upstream, source))
+            self._cached(req, upstream + ".metadata", name, auth)
+            return
+        if not stored:
+            path = self._cached(req, upstream, name, auth)
+            if digest and name == base:
+                self._store_later(path, digest)
+            return
+        if name != base:
+            req.send_error(404)
+            return
+        original = self._cache_path(upstream)
+        if stored_digest(original, digest) is None:  # its page offered it, and the cache lost it since: made again
+            if not original.exists():
+                self._download(upstream, original, name, auth)
+            store_wheel(original, digest)
+        self._send_file(req, stored_paths(original)[0], from_cache=True)
 
-    def _cached(self, req: BaseHTTPRequestHandler, upstream: str, name: str, auth: str | None = None) -> None:
-        """`upstream` from the shared cache, downloading it first if this is the first time."""
+    def _store_later(self, path: Path, digest: str) -> None:
+        """Write the stored form of the wheel at `path` (just served as the index has it) for later builds, in the
+        background at the lowest CPU priority, so that it takes no time from the install it runs beside."""
+        def store() -> None:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            try:
+                store_wheel(path, digest)
+            except (OSError, ValueError) as exc:  # served as the index has it, as before
+                log.warning("package cache: %s not stored for later builds: %s", path.name.split("-", 1)[-1], exc)
+
+        with self._lock:
+            if path in self._storing or stored_digest(path, digest) is not None:
+                return
+            self._storing[path] = thread = threading.Thread(target=store, daemon=True)
+        thread.start()
+
+    def _cache_path(self, upstream: str) -> Path:
+        key = hashlib.sha256(upstream.encode()).hexdigest()
+        return self.cache_dir / key[:2] / f"{key[2:16]}-{upstream.rsplit('/', 1)[-1]}"
+
+    def _cached(self, req: BaseHTTPRequestHandler, upstream: str, name: str, auth: str | None = None) -> Path:
+        """`upstream` from the shared cache, downloading it first if this is the first time; returns its path."""
         key = hashlib.sha256(upstream.encode()).hexdigest()
         path = self.cache_dir / key[:2] / f"{key[2:16]}-{name}"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
-            try:
-                with os.fdopen(fd, "wb") as out, self._open(upstream, "*/*", auth) as resp:
-                    # Counted as it arrives: the build's progress line moves during a 800 MB wheel, not after it.
-                    while chunk := resp.read(1 << 20):
-                        out.write(chunk)
-                        with self._lock:
-                            self.upstream_bytes += len(chunk)
-                    fetched = out.tell()
-                    length = resp.headers.get("Content-Length")
-                    if length is not None and length.isdigit() and int(length) != fetched:
-                        raise OSError(f"upstream sent {fetched} of {length} bytes")
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            with self._lock:
-                self.fetched[name] = self.fetched.get(name, 0) + fetched
-                self._fetched_paths.add(path)
+            self._download(upstream, path, name, auth)
         with self._lock:
             from_cache = path not in self._fetched_paths
         self._send_file(req, path, from_cache=from_cache)
+        return path
+
+    def _download(self, upstream: str, path: Path, name: str, auth: str | None) -> None:
+        """`upstream` into the cache at `path`, counted as fetched under `name`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as out, self._open(upstream, "*/*", auth) as resp:
+                # Counted as it arrives: the build's progress line moves during a 800 MB wheel, not after it.
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    with self._lock:
+                        self.upstream_bytes += len(chunk)
+                fetched = out.tell()
+                length = resp.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) != fetched:
+                    raise OSError(f"upstream sent {fetched} of {length} bytes")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        with self._lock:
+            self.fetched[name] = self.fetched.get(name, 0) + fetched
+            self._fetched_paths.add(path)
 
 
 @contextmanager

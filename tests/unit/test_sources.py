@@ -593,3 +593,113 @@ def test_the_proxy_queues_a_resolvers_burst_of_connections(tmp_path):
             sock.close()
         server.server_close()
     assert len(socks) == 32
+
+
+def _deflated_wheel(folder: Path) -> Path:
+    """A wheel as indexes ship them: members deflated, one of them an executable script, with its RECORD."""
+    import base64
+    import hashlib
+    import zipfile
+
+    members = {"fast/__init__.py": b"X = 1\n" * 2000, "fast/sub/data.bin": bytes(range(256)) * 400,
+               "fast-1.0.data/scripts/fast-tool": b"#!python\nprint('tool')\n",
+               "fast-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: fast\nVersion: 1.0\n",
+               "fast-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}\n"
+                     for n, d in members.items()) + "fast-1.0.dist-info/RECORD,,\n"
+    path = folder / "fast-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in [*members.items(), ("fast-1.0.dist-info/RECORD", record.encode())]:
+            info = zipfile.ZipInfo(name, (2024, 1, 2, 3, 4, 6))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = (0o100755 if "scripts" in name else 0o100644) << 16
+            zf.writestr(info, data)
+    return path
+
+
+def _tree(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `root`: its bytes and mode, by relative path (uv's own .lock left out)."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mode) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_a_wheel_is_stored_for_later_builds_and_installs_the_same_files(tmp_path):
+    """A wheel served as the index has it is written again with its members stored, not deflated, for the next
+    build's proxy, which offers that form under its own sha256: uv checks it, copies instead of inflating, and
+    installs the same files, bytes and modes, RECORD and all. A stored form the cache lost after its page offered
+    it is made again, byte for byte (the page's hash still holds)."""
+    import hashlib
+    import shutil
+    import ssl
+    import subprocess
+    import sys
+    import zipfile
+
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent))
+    if uv is None:
+        pytest.skip("uv is not installed beside this Python (pip install -e '.[dev]')")
+    root = tmp_path / "index"
+    (root / "simple" / "fast").mkdir(parents=True)
+    wheel = _deflated_wheel(root)
+    (root / f"{wheel.name}.metadata").write_bytes(b"Metadata-Version: 2.1\nName: fast\nVersion: 1.0\n")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    (root / "simple" / "fast" / "index.html").write_text(
+        f'<a href="../../{wheel.name}#sha256={digest}" data-dist-info-metadata="true">{wheel.name}</a>')
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    index, cache = f"http://127.0.0.1:{server.server_address[1]}/simple", tmp_path / "cache"
+
+    venv, site = tmp_path / "venv", "lib/python{}.{}/site-packages".format(*sys.version_info[:2])
+
+    def install(proxy: PackageProxy) -> dict[str, tuple[bytes, int]]:  # at one path: scripts name their Python
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        done = subprocess.run([uv, "pip", "install", "--python", str(venv / "bin" / "python"), "--no-cache",
+                               "--index-url", f"{proxy.url}/0/simple", "fast==1.0"],
+                              env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        return {**_tree(venv / site), **_tree(venv / "bin")}
+
+    try:
+        with PackageProxy([index], cache, ssl.create_default_context()) as first:
+            assert f'/{wheel.name}#sha256={digest}"' in _get(f"{first.url}/0/simple/fast/").decode()
+            installed = install(first)
+            assert first.upstream_bytes > 0 and not first.errors
+        [stored] = cache.glob(f"*/*-{wheel.name}.stored")
+        with zipfile.ZipFile(stored) as zf, zipfile.ZipFile(wheel) as original:
+            assert {m.compress_type for m in zf.infolist()} == {zipfile.ZIP_STORED}
+            assert [(m.filename, m.date_time, m.external_attr) for m in zf.infolist()] == \
+                [(m.filename, m.date_time, m.external_attr) for m in original.infolist()]
+        own = hashlib.sha256(stored.read_bytes()).hexdigest()
+        with PackageProxy([index], cache, ssl.create_default_context()) as second:
+            href = _get(f"{second.url}/0/simple/fast/").decode().split('href="')[1].split('"')[0]
+            assert href.startswith("/stored/") and href.endswith(f"/{wheel.name}#sha256={own}")
+            assert _get(second.url + href.split("#")[0] + ".metadata").startswith(b"Metadata-Version")
+            stored.unlink()  # lost after the page offered it: made again, the same bytes
+            assert install(second) == installed
+            assert second.upstream_bytes == 0 and second.cached_bytes >= stored.stat().st_size
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == own
+        assert installed["fast-tool"][1] & 0o111 and "fast/sub/data.bin" in installed
+    finally:
+        server.shutdown()
+
+
+def test_a_wheel_that_fails_its_index_digest_is_never_stored(upstream, tmp_path, caplog):
+    """The stored form is served under a hash of its own, so it is made only from a file that matches the index's
+    digest: a mismatch is left to the installer, which fails on the index's hash as it always did."""
+    import ssl
+
+    from builder.sources import store_wheel
+
+    cache = tmp_path / "cache"
+    with PackageProxy([upstream], cache, ssl.create_default_context()) as proxy:  # the page says sha256=abc
+        href = _get(f"{proxy.url}/0/simple/demo/").decode().split('href="')[1].split("#")[0]
+        assert _get(proxy.url + href) == b"w" * 5000
+    assert "package cache: demo-1.0-py3-none-any.whl not stored for later builds: it does not match its index's sha256" in caplog.text
+    [original] = cache.glob("*/*-demo-1.0-py3-none-any.whl")
+    assert not list(cache.glob("*/*.stored*"))
+    with pytest.raises(ValueError, match="does not match"):
+        store_wheel(original, "sha256=abc")
+    with PackageProxy([upstream], cache, ssl.create_default_context()) as again:
+        assert '/demo-1.0-py3-none-any.whl#sha256=abc"' in _get(f"{again.url}/0/simple/demo/").decode()
