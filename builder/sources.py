@@ -13,6 +13,7 @@ only the proxy, a builder stage gets pip.conf and the CA bundle, and the final s
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import html.parser
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import ssl
 import tempfile
@@ -31,6 +33,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,8 +57,9 @@ NETWORK_SCHEMES = ("tcp", "http", "https", "ssh")
 APT_SOURCES = ("/etc/apt/sources.list", "/etc/apt/sources.list.d/debian.sources",
                "/etc/apt/sources.list.d/ubuntu.sources")
 _HREF = re.compile(r'href="([^"]*)"')
-# The digests a link may carry (PEP 503: hashlib's guaranteed ones; the shake digests have no fixed length).
-_DIGESTS = frozenset(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake"))
+# The index digests a wheel is stored on (PEP 503 allows any of hashlib's; md5 and sha1 are too weak to vouch for a
+# copy that is then served under a sha256 of its own).
+_DIGESTS = frozenset({"sha256", "sha384", "sha512"})
 _ANCHOR = re.compile(r"<a\s[^>]*>.*?</a>", re.IGNORECASE | re.DOTALL)
 # A project's name as a simple index's URL names it (PEP 508): one path segment, and never `.` or `..`.
 _PROJECT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
@@ -342,38 +346,60 @@ def stored_digest(original: Path, upstream: str) -> str | None:
         return None
     if not isinstance(made, dict) or str(made.get("upstream", "")).lower() != upstream.lower() or not stored.exists():
         return None
-    return str(made.get("sha256") or "") or None
+    own = str(made.get("sha256") or "")
+    return own if re.fullmatch("[0-9a-f]{64}", own) else None
 
 
-def store_wheel(original: Path, upstream: str) -> str:
+def store_wheel(original: Path, upstream: str, stop: threading.Event | None = None) -> str:
     """Write `original`, a wheel, again with every member stored (the ZIP method that copies bytes) beside it, and
     return the new file's sha256. The installer then copies a member instead of inflating it: inflating torch's
     wheel alone is 7.5 CPU seconds, on one thread, in every build. Members keep their names, order, bytes (so
     RECORD's hashes) and attributes: the installed tree is the same file for file. Made only from a file that
-    matches `upstream` ("algo=hex", the index's own digest), since the stored form is served under its own hash.
+    matches `upstream` ("algo=hex", the index's own digest), read through one handle, since the stored form is
+    served under its own hash. One at a time per wheel in this process; `stop` set: given up between chunks.
     """
+    with _STORING_LOCK:
+        lock = _STORING.setdefault(original, threading.Lock())
+    with lock:
+        if (done := stored_digest(original, upstream)) is not None:  # another proxy made it meanwhile
+            return done
+        return _store(original, upstream, stop or threading.Event())
+
+
+def _store(original: Path, upstream: str, stop: threading.Event) -> str:
     algo, _, expected = upstream.partition("=")
-    digest = hashlib.new(algo)
-    with original.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    if digest.hexdigest() != expected.lower():
-        raise ValueError(f"it does not match its index's {algo}")
     stored, record = stored_paths(original)
     fd, tmp = tempfile.mkstemp(dir=original.parent, prefix=".part-")
     try:
-        try:
-            with zipfile.ZipFile(original) as wheel, os.fdopen(fd, "wb") as raw, \
-                    zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as out:
-                for member in wheel.infolist():
-                    copy = zipfile.ZipInfo(member.filename, member.date_time)
-                    copy.external_attr, copy.create_system = member.external_attr, member.create_system
-                    copy.file_size = member.file_size  # zipfile writes ZIP64 headers when a member needs them
-                    with wheel.open(member) as src, out.open(copy, "w") as dst:
-                        while chunk := src.read(1 << 20):
-                            dst.write(chunk)
-        except zipfile.BadZipFile as exc:  # a member's CRC, a truncated archive
-            raise ValueError(f"not a whole wheel: {exc}") from exc
+        with os.fdopen(fd, "wb") as raw, original.open("rb") as fh:
+            digest = hashlib.new(algo)
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+            if digest.hexdigest() != expected.lower():
+                raise ValueError(f"it does not match its index's {algo}")
+            fh.seek(0)
+            try:
+                with zipfile.ZipFile(fh) as wheel:
+                    members = wheel.infolist()
+                    if any(not m.flag_bits & 0x800 and not m.filename.isascii() for m in members):
+                        # zipfile would read such a name as cp437 and write it as UTF-8: another path.
+                        raise ValueError("a member's name is in a legacy encoding")
+                    needed = sum(m.file_size for m in members) + (1 << 30)
+                    if shutil.disk_usage(original.parent).free < needed:
+                        raise ValueError(f"{needed / 1e9:.1f} GB free is needed beside the package cache")
+                    with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as out:
+                        for member in members:
+                            copy = zipfile.ZipInfo(member.filename, member.date_time)
+                            copy.external_attr, copy.create_system = member.external_attr, member.create_system
+                            copy.file_size = member.file_size  # zipfile writes ZIP64 headers where needed
+                            with wheel.open(member) as src, out.open(copy, "w") as dst:
+                                while chunk := src.read(1 << 20):
+                                    if stop.is_set():
+                                        raise ValueError("the run ended first")
+                                    dst.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as exc:
+                # a member's CRC or data, a truncated archive, an encrypted member, a method zipfile lacks
+                raise ValueError(f"not a wheel it can read: {exc}") from exc
         own = hashlib.sha256()
         with open(tmp, "rb") as fh:
             while chunk := fh.read(1 << 20):
@@ -381,13 +407,17 @@ def store_wheel(original: Path, upstream: str) -> str:
         os.replace(tmp, stored)
         # The record last: a page offers the stored form only once both are whole.
         fd, tmp = tempfile.mkstemp(dir=original.parent, prefix=".part-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"upstream": upstream.lower(), "sha256": own.hexdigest()}, fh)
+        with os.fdopen(fd, "w") as fh_text:
+            json.dump({"upstream": upstream.lower(), "sha256": own.hexdigest()}, fh_text)
         os.replace(tmp, record)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return own.hexdigest()
+
+
+_STORING: dict[Path, threading.Lock] = {}  # a lock per wheel being stored, for every proxy in this process
+_STORING_LOCK = threading.Lock()
 
 
 class _Server(ThreadingHTTPServer):
@@ -411,7 +441,8 @@ class PackageProxy:
 
     Index pages are fetched fresh by each proxy, once: every resolution of the build (a direct build resolves
     in each install step) sees the same index and waits for it once. Files are cached on disk by URL and shared
-    by every proxy.
+    by every proxy. A wheel served whole, whose link carries its index's digest, is also kept in stored form
+    (store_wheel), which later proxies' pages offer in its place.
     `upstream_bytes` counts what this proxy had to download.
     """
 
@@ -444,6 +475,7 @@ class PackageProxy:
         self._sources = [_split_auth(url) for url in [*upstreams, *self.remote_links]]
         self._pages: dict[str, str] = {}  # an index or find-links page, rewritten, fetched once per proxy
         self._storing: dict[Path, threading.Thread] = {}  # wheels being written in stored form, joined at exit
+        self._stop, self._closed = threading.Event(), False
         # http(s) only, even through a redirect (no file:, ftp: or data: handler).
         self._opener = urllib.request.OpenerDirector()
         for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
@@ -468,6 +500,10 @@ class PackageProxy:
 
     def __enter__(self) -> PackageProxy:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for part in self.cache_dir.glob("*/.part-*"):  # a download or store a killed run left, idle for an hour
+            with contextlib.suppress(OSError):
+                if time.time() - part.stat().st_mtime > 3600:
+                    part.unlink()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -504,6 +540,10 @@ class PackageProxy:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        with self._lock:
+            self._closed = True  # a request still finishing starts no store now
+        if exc[0] is not None:  # a run that failed or was stopped waits for no store: each gives up
+            self._stop.set()
         for thread in list(self._storing.values()):  # the next build's stored wheels, whole before the run ends
             thread.join()
 
@@ -751,50 +791,55 @@ class PackageProxy:
 
     def _file(self, req: BaseHTTPRequestHandler, upstream: str, source: int | None, digest: str, name: str,
               *, stored: bool = False) -> None:
-        base = upstream.rsplit("/", 1)[-1]
+        """The file a signed link names (by its own name, `+` or `%2B` alike), or the PEP 658 metadata beside it:
+        nothing else, so that no request writes a cache file of another name."""
+        base = urllib.parse.unquote(upstream.rsplit("/", 1)[-1])
         auth = self._auth_for(upstream, source)
-        if base and name == f"{base}.metadata":  # the PEP 658 metadata beside a wheel: nothing else is added
+        asked = urllib.parse.unquote(name)
+        if base and asked == f"{base}.metadata":
             self._cached(req, upstream + ".metadata", name, auth)
-            return
-        if not stored:
-            path = self._cached(req, upstream, name, auth)
-            if digest and name == base:
-                self._store_later(path, digest)
-            return
-        if name != base:
+        elif asked != base or (stored and not digest):
             req.send_error(404)
-            return
-        original = self._cache_path(upstream)
-        if stored_digest(original, digest) is None:  # its page offered it, and the cache lost it since: made again
-            if not original.exists():
-                self._download(upstream, original, name, auth)
-            store_wheel(original, digest)
-        self._send_file(req, stored_paths(original)[0], from_cache=True)
+        elif not stored:
+            path = self._cached(req, upstream, name, auth)
+            if digest.partition("=")[0] in _DIGESTS and req.command == "GET" and "Range" not in req.headers:
+                self._store_later(path, digest)  # after a whole download: a HEAD or a metadata range is no install
+        else:
+            original = self._cache_path(upstream)
+            if stored_digest(original, digest) is None:  # its page offered it, and the cache lost it: made again
+                if not original.exists():
+                    self._download(upstream, original, name, auth)
+                store_wheel(original, digest)
+            self._send_file(req, stored_paths(original)[0], from_cache=True)
 
     def _store_later(self, path: Path, digest: str) -> None:
         """Write the stored form of the wheel at `path` (just served as the index has it) for later builds, in the
         background at the lowest CPU priority, so that it takes no time from the install it runs beside."""
         def store() -> None:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             try:
-                store_wheel(path, digest)
-            except (OSError, ValueError) as exc:  # served as the index has it, as before
-                log.warning("package cache: %s not stored for later builds: %s", path.name.split("-", 1)[-1], exc)
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+                store_wheel(path, digest, self._stop)
+            except Exception as exc:  # served as the index has it, as before; a thread's last word is one line
+                if self._stop.is_set():  # the run failed or was stopped: the next one stores it
+                    return
+                why = str(exc) if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {exc}"
+                log.warning("package cache: %s not stored for later builds: %s", path.name.split("-", 1)[-1], why)
 
         with self._lock:
-            if path in self._storing or stored_digest(path, digest) is not None:
+            if self._closed or path in self._storing or stored_digest(path, digest) is not None:
                 return
             self._storing[path] = thread = threading.Thread(target=store, daemon=True)
         thread.start()
 
     def _cache_path(self, upstream: str) -> Path:
+        """Where `upstream` is cached: by its URL, named by its own file name (never by what a request asked)."""
         key = hashlib.sha256(upstream.encode()).hexdigest()
         return self.cache_dir / key[:2] / f"{key[2:16]}-{upstream.rsplit('/', 1)[-1]}"
 
     def _cached(self, req: BaseHTTPRequestHandler, upstream: str, name: str, auth: str | None = None) -> Path:
         """`upstream` from the shared cache, downloading it first if this is the first time; returns its path."""
-        key = hashlib.sha256(upstream.encode()).hexdigest()
-        path = self.cache_dir / key[:2] / f"{key[2:16]}-{name}"
+        path = self._cache_path(upstream)
         if not path.exists():
             self._download(upstream, path, name, auth)
         with self._lock:

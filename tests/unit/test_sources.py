@@ -685,21 +685,93 @@ def test_a_wheel_is_stored_for_later_builds_and_installs_the_same_files(tmp_path
         server.shutdown()
 
 
-def test_a_wheel_that_fails_its_index_digest_is_never_stored(upstream, tmp_path, caplog):
-    """The stored form is served under a hash of its own, so it is made only from a file that matches the index's
-    digest: a mismatch is left to the installer, which fails on the index's hash as it always did."""
+def _serve_index(root: Path, project: str, links: dict[str, str]) -> ThreadingHTTPServer:
+    """A simple index of one project under `root`: its page links each file name to `root/<name>` with a fragment."""
+    (root / "simple" / project).mkdir(parents=True, exist_ok=True)
+    (root / "simple" / project / "index.html").write_text(
+        "".join(f'<a href="../../{name}#{fragment}">{name}</a>\n' for name, fragment in links.items()))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_wheel_is_stored_only_from_bytes_that_match_its_index(tmp_path, caplog):
+    """The stored form is served under a hash of its own, so it is made only from a whole, readable wheel that
+    matches the index's digest (sha256 or stronger); anything else is left as it was, to the installer's own check,
+    with one line and no traceback, no temporary file and no open file left. A record made for another digest is
+    not offered."""
+    import hashlib
+    import os
     import ssl
+    import zipfile
 
     from builder.sources import store_wheel
 
-    cache = tmp_path / "cache"
-    with PackageProxy([upstream], cache, ssl.create_default_context()) as proxy:  # the page says sha256=abc
-        href = _get(f"{proxy.url}/0/simple/demo/").decode().split('href="')[1].split("#")[0]
-        assert _get(proxy.url + href) == b"w" * 5000
-    assert "package cache: demo-1.0-py3-none-any.whl not stored for later builds: it does not match its index's sha256" in caplog.text
-    [original] = cache.glob("*/*-demo-1.0-py3-none-any.whl")
-    assert not list(cache.glob("*/*.stored*"))
-    with pytest.raises(ValueError, match="does not match"):
-        store_wheel(original, "sha256=abc")
-    with PackageProxy([upstream], cache, ssl.create_default_context()) as again:
-        assert '/demo-1.0-py3-none-any.whl#sha256=abc"' in _get(f"{again.url}/0/simple/demo/").decode()
+    root = tmp_path / "index"
+    root.mkdir()
+    good = _deflated_wheel(root)
+    data = good.read_bytes()
+    with zipfile.ZipFile(good) as zf:  # the same wheel with one member's deflated bytes spoiled, then renamed
+        at = zf.getinfo("fast/sub/data.bin").header_offset + 30 + len("fast/sub/data.bin") + 40
+    spoiled = root / "fast-2.0-py3-none-any.whl"
+    spoiled.write_bytes(data[:at] + bytes(b ^ 0xFF for b in data[at:at + 64]) + data[at + 64:])
+    sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (good, spoiled)}
+    weak = root / "fast-3.0-py3-none-any.whl"
+    weak.write_bytes(data)
+    server = _serve_index(root, "fast", {good.name: "sha256=" + "0" * 64, spoiled.name: f"sha256={sha[spoiled.name]}",
+                                         weak.name: f"md5={hashlib.md5(data).hexdigest()}"})
+    index, cache = f"http://127.0.0.1:{server.server_address[1]}/simple", tmp_path / "cache"
+    fds = len(os.listdir("/proc/self/fd"))
+    try:
+        with PackageProxy([index], cache, ssl.create_default_context()) as proxy:
+            page = _get(f"{proxy.url}/0/simple/fast/").decode()
+            for href in page.split('href="')[1:]:
+                assert _get(proxy.url + href.split("#")[0])  # each served as the index has it
+        assert "fast-1.0-py3-none-any.whl not stored for later builds: it does not match its index's sha256" \
+            in caplog.text
+        assert "fast-2.0-py3-none-any.whl not stored for later builds: not a wheel it can read" in caplog.text
+        assert "Traceback" not in caplog.text and "fast-3.0" not in caplog.text  # md5: never a stored form
+        assert not list(cache.glob("*/*.stored*")) and not list(cache.glob("*/.part-*"))
+        assert len(os.listdir("/proc/self/fd")) == fds
+        [original] = cache.glob(f"*/*-{good.name}")
+        with pytest.raises(ValueError, match="does not match"):
+            store_wheel(original, "sha256=" + "1" * 64)
+        store_wheel(original, f"sha256={hashlib.sha256(data).hexdigest()}")  # made for the right digest only
+        with PackageProxy([index], cache, ssl.create_default_context()) as again:
+            assert f'/{good.name}#sha256={"0" * 64}"' in _get(f"{again.url}/0/simple/fast/").decode()
+    finally:
+        server.shutdown()
+
+
+def test_a_signed_link_serves_its_file_and_metadata_and_nothing_else(tmp_path):
+    """A link's file is asked by its name as the installer spells it (uv sends `+`, pip `%2B`), stored form or
+    not; a request under any other name is refused and writes nothing into the cache (it had downloaded the file
+    again under that name, and `<name>.stored` would have planted a deflated file where the stored form goes)."""
+    import hashlib
+    import shutil
+    import ssl
+
+    root = tmp_path / "index"
+    root.mkdir()
+    wheel = _deflated_wheel(root)
+    local = wheel.rename(root / "fast-1.0+cpu-py3-none-any.whl")
+    server = _serve_index(root, "fast", {local.name: f"sha256={hashlib.sha256(local.read_bytes()).hexdigest()}"})
+    index, cache = f"http://127.0.0.1:{server.server_address[1]}/simple", tmp_path / "cache"
+    try:
+        for route in ("files", "stored"):
+            with PackageProxy([index], cache, ssl.create_default_context()) as proxy:
+                href = _get(f"{proxy.url}/0/simple/fast/").decode().split('href="')[1].split("#")[0]
+                assert href.startswith(f"/{route}/")
+                folder = href.rsplit("/", 1)[0]
+                for name in (local.name, local.name.replace("+", "%2B")):
+                    assert _request(f"{proxy.url}{folder}/{name}")[0] == 200, (route, name)
+                files = sorted(p.name for p in cache.rglob("*"))
+                for name in (f"{local.name}.stored", f"{local.name}.stored.json", "other-1.0-py3-none-any.whl",
+                             f"{local.name}.x"):
+                    assert _request(f"{proxy.url}{folder}/{name}")[0] == 404, (route, name)
+                assert sorted(p.name for p in cache.rglob("*")) == files
+                no_digest = proxy.token(f"{index}/x.whl")  # a link without the index's digest has no stored form
+                assert _request(f"{proxy.url}/stored/{no_digest}/x.whl")[0] == 404
+    finally:
+        server.shutdown()
+        shutil.rmtree(cache, ignore_errors=True)
