@@ -771,15 +771,17 @@ class PackageProxy:
     def _apt(self, req: BaseHTTPRequestHandler, url: str) -> None:
         """apt's request as to a forward proxy: only to the base's mirrors, only plain http.
 
-        Files under pool/ never change under one name, so they are cached like wheels; the indexes
-        (dists/) are fetched fresh every time.
+        Files under pool/ never change under one name, and an index apt asks by its hash (dists/.../by-hash/,
+        which Debian's and Ubuntu's Release files offer) is named by its content: both are cached like wheels.
+        The Release files that name those hashes (dists/*/InRelease) are fetched fresh every time, so a build
+        sees the mirror as it is now and waits only for what changed (the bookworm main index: 8.8 MB).
         """
         parsed = urllib.parse.urlsplit(url)
         if _netloc(parsed.netloc) not in self.apt or parsed.username or parsed.password:
             req.send_error(403, "not a mirror of this build's base")
             return
         name = parsed.path.rsplit("/", 1)[-1]
-        if "/pool/" in parsed.path and name and not parsed.query:
+        if ("/pool/" in parsed.path or "/by-hash/" in parsed.path) and name and not parsed.query:
             self._cached(req, url, name)
             return
         with self._open(url, "*/*") as resp:

@@ -100,6 +100,8 @@ def mirror(tmp_path):
     root = tmp_path / "mirror"
     (root / "debian/dists/bookworm").mkdir(parents=True)
     (root / "debian/dists/bookworm/InRelease").write_bytes(b"Suite: bookworm\n")
+    (root / "debian/dists/bookworm/main/by-hash/SHA256").mkdir(parents=True)
+    (root / "debian/dists/bookworm/main/by-hash/SHA256/c0ffee").write_bytes(b"Package: hello\n" * 100)
     (root / "debian/pool/main/h").mkdir(parents=True)
     (root / "debian/pool/main/h/hello_1.0_amd64.deb").write_bytes(b"!<arch>\n" + b"x" * 5000)
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
@@ -122,22 +124,27 @@ def get_through(proxy: PackageProxy, url: str) -> tuple[int, bytes]:
 
 
 def test_apt_reaches_only_the_bases_mirrors_and_each_deb_is_fetched_once(mirror, tmp_path):
+    """.debs and the indexes apt asks by hash are named by their content: fetched once. The Release file that
+    names the hashes is fetched fresh by every build."""
     netloc, root = mirror
     deb = f"http://{netloc}/debian/pool/main/h/hello_1.0_amd64.deb"
     release = f"http://{netloc}/debian/dists/bookworm/InRelease"
+    index = f"http://{netloc}/debian/dists/bookworm/main/by-hash/SHA256/c0ffee"
     cache = tmp_path / "cache"
     with PackageProxy([], cache, ssl.create_default_context(), apt=frozenset({netloc})) as first:
         assert first.build_args() == {"http_proxy": first.url, "no_proxy": LOOPBACK}
         assert get_through(first, deb) == (200, (root / "debian/pool/main/h/hello_1.0_amd64.deb").read_bytes())
         assert get_through(first, release) == (200, b"Suite: bookworm\n")
-        assert first.upstream_bytes == 5008 + 16
+        assert get_through(first, index) == (200, b"Package: hello\n" * 100)
+        assert first.upstream_bytes == 5008 + 16 + 1500
         status, _ = get_through(first, "http://169.254.169.254/latest/meta-data/")
         assert status == 403  # not a mirror of the base: the proxy is no open relay
     (root / "debian/dists/bookworm/InRelease").write_bytes(b"Suite: bookworm\nVersion: 12.9\n")
     with PackageProxy([], cache, ssl.create_default_context(), apt=frozenset({netloc})) as second:
         assert get_through(second, deb)[0] == 200
-        assert get_through(second, release) == (200, b"Suite: bookworm\nVersion: 12.9\n")  # indexes are fresh
-        assert second.cached_bytes == 5008 and second.upstream_bytes == 30
+        assert get_through(second, index) == (200, b"Package: hello\n" * 100)
+        assert get_through(second, release) == (200, b"Suite: bookworm\nVersion: 12.9\n")  # Release is fresh
+        assert second.cached_bytes == 5008 + 1500 and second.upstream_bytes == 30
 
 
 def test_without_apt_mirrors_the_proxy_forwards_nothing(mirror, tmp_path):
