@@ -225,6 +225,15 @@ def _build_one(
         return _build_claimed(engine, cell, options, progress, stop, listen, made, context, base_id, claim, started)
 
 
+def _last_projects(state: State, cell: Cell) -> list[str]:
+    """The projects of the cell's last lock and its installer: the index pages its build will ask for."""
+    record = state.read_record(cell.tag) or {}
+    lock = record.get("lock") if isinstance(record.get("lock"), list) else []
+    if not lock:
+        return []
+    return [str(pin).split("==", 1)[0] for pin in lock] + ([cell.installer.split("==", 1)[0]] if cell.installer else [])
+
+
 def _build_claimed(
     engine: ContainerEngine, cell: Cell, options: BuildOptions, progress: Progress, stop: threading.Event,
     listen: str, made: Made, context: BuildContext, base_id: str, claim: Claim, started: float,
@@ -248,7 +257,8 @@ def _build_claimed(
     labels = build_labels(content_hash=context.content_hash, tag=cell.tag, created=created, revision=revision(),
                           version=__version__)
     with (log_path.open("w", encoding="utf-8") as logfile,
-          serve(options.sources, cell.index, host=listen, apt=apt, key=_proxy_key(cell, context)) as (src, proxy)):
+          serve(options.sources, cell.index, host=listen, apt=apt, key=_proxy_key(cell, context),
+                prefetch=_last_projects(state, cell)) as (src, proxy)):
 
         def on_line(line: str) -> None:
             logfile.write(line + "\n")

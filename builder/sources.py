@@ -449,11 +449,13 @@ class PackageProxy:
     def __init__(
         self, upstreams: list[str], cache_dir: Path, context: ssl.SSLContext, links: list[Path] | None = None,
         *, host: str = LOOPBACK, apt: frozenset[str] = frozenset(), key: str = "", remote_links: tuple[str, ...] = (),
+        prefetch: tuple[str, ...] = (),
     ) -> None:
         self.upstreams = upstreams
         self.key = key  # what the port is derived from (the cell's content hash); "" for any free port
         self.links = links or []
         self.remote_links = list(remote_links)  # find-links pages (URLs), merged into a direct build's index
+        self.prefetch = prefetch  # projects whose pages are fetched as the proxy starts
         self.host = host
         self.apt = apt  # the mirrors (host[:port]) apt may reach through this proxy; empty: no apt route
         self.cache_dir = cache_dir
@@ -519,7 +521,26 @@ class PackageProxy:
         self._server = self._bind(Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        if self.prefetch:
+            threading.Thread(target=self._prefetch, daemon=True).start()
         return self
+
+    def _prefetch(self) -> None:
+        """Fetch the pages of `prefetch` (the projects of the cell's last lock) on every index into this proxy's
+        page memo, all at once, while the build's first steps run (apt takes seconds): the first resolution then
+        waits for none (it had waited 1 to 3 s for its 13 pages). A page that fails here is asked again when a
+        resolver asks for it, as any failure is; a project that is no longer in the lock costs one request."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def fetch(project: str, i: int) -> None:
+            with contextlib.suppress(urllib.error.URLError, OSError, ValueError, http.client.HTTPException):
+                self._index_page(f"{self.upstreams[i]}/{project}/", i)
+
+        names = sorted({_normalize(p) for p in self.prefetch if _PROJECT.fullmatch(p)})
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for project in names:
+                for i in range(len(self.upstreams)):
+                    pool.submit(fetch, project, i)
 
     def _bind(self, handler: type[BaseHTTPRequestHandler]) -> _Server:
         """Listen on the port derived from `key` when it is free, else a neighbour, else any.
@@ -875,16 +896,19 @@ class PackageProxy:
 
 @contextmanager
 def serve(sources: Sources, primary_index: str | None, *, host: str = LOOPBACK,
-          apt: frozenset[str] = frozenset(), key: str = "") -> Iterator[tuple[dict[str, bytes], PackageProxy | None]]:
+          apt: frozenset[str] = frozenset(), key: str = "", prefetch: Iterable[str] = (),
+          ) -> Iterator[tuple[dict[str, bytes], PackageProxy | None]]:
     """The sources/ files for one cell's build, with its proxy running on `host` while the build runs.
 
     `apt`: the mirrors the proxy may forward apt to (see PackageProxy.build_args); empty for none.
     `key`: the cell's content hash, from which the proxy's port (and so the sources/ files) is derived.
+    `prefetch`: projects whose index pages the proxy fetches as it starts (see PackageProxy).
     """
     if not sources.proxy:
         yield sources.context_files(primary_index, None), None
         return
     upstreams = sources.indexes_for(primary_index)
     with PackageProxy(upstreams, sources.cache_dir, sources.ssl_context(), sources.local_links(), host=host,
-                      apt=apt, key=key, remote_links=tuple(u for u in sources.find_links if "://" in u)) as proxy:
+                      apt=apt, key=key, remote_links=tuple(u for u in sources.find_links if "://" in u),
+                      prefetch=tuple(prefetch)) as proxy:
         yield sources.context_files(primary_index, proxy.url), proxy

@@ -209,6 +209,28 @@ def test_a_local_direct_build_reaches_the_proxy_only_through_http_proxy(tmp_path
     assert "AS builder" not in dockerfile
 
 
+def test_a_rebuild_has_its_proxy_fetch_the_pages_of_the_cells_last_lock(tmp_path, monkeypatch):
+    """The first build of a cell has no lock to go by; a rebuild hands its proxy the last lock's projects and the
+    installer's, whose pages it fetches while the first steps run."""
+    import dataclasses
+
+    seen: list[list[str]] = []
+    real = build_mod.serve
+
+    def spy(*args, **kwargs):
+        seen.append(list(kwargs.get("prefetch", ())))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_mod, "serve", spy)
+    engine = FakeEngine(address="unix:///var/run/docker.sock")
+    c = cell("tensorflow-2.18.0-cpu-py3.11")
+    engine.add_image(c.base.image)
+    options = BuildOptions(state_dir=tmp_path / "state", sources=Sources(cache_dir=tmp_path / "c"), keep_cache=True)
+    assert build_cells(engine, [c], options)[0].status == "built"
+    assert build_cells(engine, [c], dataclasses.replace(options, force=True))[0].status == "built"
+    assert seen == [[], ["torch", c.installer.split("==")[0]]]  # the fake image's lock: torch==2.4.1
+
+
 # ------------------------------------------------------------------------------------- ssh://
 def test_an_ssh_engine_without_the_ssh_extra_says_what_to_install(monkeypatch):
     import importlib.util

@@ -775,3 +775,39 @@ def test_a_signed_link_serves_its_file_and_metadata_and_nothing_else(tmp_path):
     finally:
         server.shutdown()
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_the_pages_of_the_last_lock_are_fetched_as_the_proxy_starts(tmp_path):
+    """A build's first resolution waited 1 to 3 s for its index pages, which the proxy fetches once anyway: given
+    the projects of the cell's last lock, it fetches them as it starts (while apt runs), so the resolver's request
+    is answered from the page memo. A project the index lacks costs one request and no error; a name that is no
+    project is never asked."""
+    import ssl
+    import time
+
+    root, asked = tmp_path / "index", []
+    (root / "simple" / "demo").mkdir(parents=True)
+    (root / "simple" / "demo" / "index.html").write_text('<a href="demo-1.0-py3-none-any.whl">demo</a>')
+
+    class Counting(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Counting, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    index = f"http://127.0.0.1:{server.server_address[1]}/simple"
+    try:
+        with PackageProxy([index], tmp_path / "cache", ssl.create_default_context(),
+                          prefetch=("Demo", "gone", "../etc")) as proxy:
+            deadline = time.monotonic() + 10
+            while len(asked) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert sorted(asked) == ["/simple/demo/", "/simple/gone/"]
+            assert b"demo-1.0-py3-none-any.whl" in _get(f"{proxy.url}/simple/demo/")
+            assert asked.count("/simple/demo/") == 1 and not proxy.errors
+    finally:
+        server.shutdown()
