@@ -109,11 +109,9 @@ def test_proxy_rewrites_pages_and_counts_only_upstream_bytes(upstream, tmp_path)
         assert (second.upstream_bytes, second.cached_bytes) == (0, 5000)  # the file is shared through the cache
 
 
-def test_an_index_page_is_fetched_once_per_proxy_and_a_failure_is_asked_again(tmp_path):
-    """A direct build resolves in each of its install steps: both see one snapshot of the index, fetched once;
-    the next build's proxy fetches it fresh. A page that failed is not kept."""
-    import ssl
-
+@pytest.fixture
+def counting(tmp_path):
+    """A simple index of one project (demo) that notes every path asked of it: (its URL, its folder, the paths)."""
     root, asked = tmp_path / "index", []
     (root / "simple" / "demo").mkdir(parents=True)
     (root / "simple" / "demo" / "index.html").write_text('<a href="demo-1.0-py3-none-any.whl">demo</a>')
@@ -128,22 +126,28 @@ def test_an_index_page_is_fetched_once_per_proxy_and_a_failure_is_asked_again(tm
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Counting, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    index = f"http://127.0.0.1:{server.server_address[1]}/simple"
-    try:
-        with PackageProxy([index], tmp_path / "cache", ssl.create_default_context()) as proxy:
-            first, merged = _get(f"{proxy.url}/0/simple/demo/"), _get(f"{proxy.url}/simple/demo/")
-            assert _get(f"{proxy.url}/0/simple/demo/") == first and b"demo-1.0-py3-none-any.whl" in merged
-            assert asked == ["/simple/demo/"]
-            assert _request(f"{proxy.url}/0/simple/other/")[0] == 404
-            (root / "simple" / "other").mkdir()
-            (root / "simple" / "other" / "index.html").write_text('<a href="other-1.0.tar.gz">other</a>')
-            assert b"other-1.0.tar.gz" in _get(f"{proxy.url}/0/simple/other/")
-            assert asked == ["/simple/demo/", "/simple/other/", "/simple/other/"]
-        with PackageProxy([index], tmp_path / "cache", ssl.create_default_context()) as fresh:
-            _get(f"{fresh.url}/0/simple/demo/")
-            assert asked[-1] == "/simple/demo/" and len(asked) == 4
-    finally:
-        server.shutdown()
+    yield f"http://127.0.0.1:{server.server_address[1]}/simple", root, asked
+    server.shutdown()
+
+
+def test_an_index_page_is_fetched_once_per_proxy_and_a_failure_is_asked_again(counting, tmp_path):
+    """A direct build resolves in each of its install steps: both see one snapshot of the index, fetched once;
+    the next build's proxy fetches it fresh. A page that failed is not kept."""
+    import ssl
+
+    index, root, asked = counting
+    with PackageProxy([index], tmp_path / "cache", ssl.create_default_context()) as proxy:
+        first, merged = _get(f"{proxy.url}/0/simple/demo/"), _get(f"{proxy.url}/simple/demo/")
+        assert _get(f"{proxy.url}/0/simple/demo/") == first and b"demo-1.0-py3-none-any.whl" in merged
+        assert asked == ["/simple/demo/"]
+        assert _request(f"{proxy.url}/0/simple/other/")[0] == 404
+        (root / "simple" / "other").mkdir()
+        (root / "simple" / "other" / "index.html").write_text('<a href="other-1.0.tar.gz">other</a>')
+        assert b"other-1.0.tar.gz" in _get(f"{proxy.url}/0/simple/other/")
+        assert asked == ["/simple/demo/", "/simple/other/", "/simple/other/"]
+    with PackageProxy([index], tmp_path / "cache", ssl.create_default_context()) as fresh:
+        _get(f"{fresh.url}/0/simple/demo/")
+        assert asked[-1] == "/simple/demo/" and len(asked) == 4
 
 
 def test_proxy_serves_local_find_links(tmp_path):
@@ -777,7 +781,7 @@ def test_a_signed_link_serves_its_file_and_metadata_and_nothing_else(tmp_path):
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def test_the_pages_of_the_last_lock_are_fetched_as_the_proxy_starts(tmp_path):
+def test_the_pages_of_the_last_lock_are_fetched_as_the_proxy_starts(counting, tmp_path):
     """A build's first resolution waited 1 to 3 s for its index pages, which the proxy fetches once anyway: given
     the projects of the cell's last lock, it fetches them as it starts (while apt runs), so the resolver's request
     is answered from the page memo. A project the index lacks costs one request and no error; a name that is no
@@ -785,29 +789,12 @@ def test_the_pages_of_the_last_lock_are_fetched_as_the_proxy_starts(tmp_path):
     import ssl
     import time
 
-    root, asked = tmp_path / "index", []
-    (root / "simple" / "demo").mkdir(parents=True)
-    (root / "simple" / "demo" / "index.html").write_text('<a href="demo-1.0-py3-none-any.whl">demo</a>')
-
-    class Counting(SimpleHTTPRequestHandler):
-        def do_GET(self):
-            asked.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Counting, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    index = f"http://127.0.0.1:{server.server_address[1]}/simple"
-    try:
-        with PackageProxy([index], tmp_path / "cache", ssl.create_default_context(),
-                          prefetch=("Demo", "gone", "../etc")) as proxy:
-            deadline = time.monotonic() + 10
-            while len(asked) < 2 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert sorted(asked) == ["/simple/demo/", "/simple/gone/"]
-            assert b"demo-1.0-py3-none-any.whl" in _get(f"{proxy.url}/simple/demo/")
-            assert asked.count("/simple/demo/") == 1 and not proxy.errors
-    finally:
-        server.shutdown()
+    index, _, asked = counting
+    with PackageProxy([index], tmp_path / "cache", ssl.create_default_context(),
+                      prefetch=("Demo", "gone", "../etc")) as proxy:
+        deadline = time.monotonic() + 10
+        while len(asked) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sorted(asked) == ["/simple/demo/", "/simple/gone/"]
+        assert b"demo-1.0-py3-none-any.whl" in _get(f"{proxy.url}/simple/demo/")
+        assert asked.count("/simple/demo/") == 1 and not proxy.errors
