@@ -768,7 +768,8 @@ def test_a_signed_link_serves_its_file_and_metadata_and_nothing_else(tmp_path):
                 assert href.startswith(f"/{route}/")
                 folder = href.rsplit("/", 1)[0]
                 for name in (local.name, local.name.replace("+", "%2B")):
-                    assert _request(f"{proxy.url}{folder}/{name}")[0] == 200, (route, name)
+                    # Asked as a range of the whole: served, and no stored form started under the listing below.
+                    assert _request(f"{proxy.url}{folder}/{name}", range_="bytes=0-")[0] == 200, (route, name)
                 files = sorted(p.name for p in cache.rglob("*"))
                 for name in (f"{local.name}.stored", f"{local.name}.stored.json", "other-1.0-py3-none-any.whl",
                              f"{local.name}.x"):
@@ -776,6 +777,7 @@ def test_a_signed_link_serves_its_file_and_metadata_and_nothing_else(tmp_path):
                 assert sorted(p.name for p in cache.rglob("*")) == files
                 no_digest = proxy.token(f"{index}/x.whl")  # a link without the index's digest has no stored form
                 assert _request(f"{proxy.url}/stored/{no_digest}/x.whl")[0] == 404
+                _get(f"{proxy.url}{href}")  # whole: its stored form is made as this proxy closes, for the next
     finally:
         server.shutdown()
         shutil.rmtree(cache, ignore_errors=True)
