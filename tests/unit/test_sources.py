@@ -725,7 +725,6 @@ def test_a_wheel_is_stored_only_from_bytes_that_match_its_index(tmp_path, caplog
     server = _serve_index(root, "fast", {good.name: "sha256=" + "0" * 64, spoiled.name: f"sha256={sha[spoiled.name]}",
                                          weak.name: f"md5={hashlib.md5(data).hexdigest()}"})
     index, cache = f"http://127.0.0.1:{server.server_address[1]}/simple", tmp_path / "cache"
-    fds = len(os.listdir("/proc/self/fd"))
     try:
         with PackageProxy([index], cache, ssl.create_default_context()) as proxy:
             page = _get(f"{proxy.url}/0/simple/fast/").decode()
@@ -736,7 +735,13 @@ def test_a_wheel_is_stored_only_from_bytes_that_match_its_index(tmp_path, caplog
         assert "fast-2.0-py3-none-any.whl not stored for later builds: not a wheel it can read" in caplog.text
         assert "Traceback" not in caplog.text and "fast-3.0" not in caplog.text  # md5: never a stored form
         assert not list(cache.glob("*/*.stored*")) and not list(cache.glob("*/.part-*"))
-        assert len(os.listdir("/proc/self/fd")) == fds
+        junk = tmp_path / "junk-1.0-py3-none-any.whl"  # matches its digest, and is no zip: no file left open
+        junk.write_bytes(b"not a zip")
+        fds = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            with pytest.raises(ValueError, match="not a wheel it can read"):
+                store_wheel(junk, f"sha256={hashlib.sha256(b'not a zip').hexdigest()}")
+        assert len(os.listdir("/proc/self/fd")) <= fds  # each leaked descriptor would add one
         [original] = cache.glob(f"*/*-{good.name}")
         with pytest.raises(ValueError, match="does not match"):
             store_wheel(original, "sha256=" + "1" * 64)
