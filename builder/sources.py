@@ -44,6 +44,7 @@ from typing import Any
 from packaging.utils import InvalidSdistFilename, InvalidWheelFilename, parse_sdist_filename, parse_wheel_filename
 
 from builder.errors import SourceError
+from builder.models import sha256_of
 from builder.render import PACKAGES_HOST, SOURCES_DIR
 
 log = logging.getLogger("builder")
@@ -400,20 +401,17 @@ def _store(original: Path, upstream: str, stop: threading.Event) -> str:
             except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as exc:
                 # a member's CRC or data, a truncated archive, an encrypted member, a method zipfile lacks
                 raise ValueError(f"not a wheel it can read: {exc}") from exc
-        own = hashlib.sha256()
-        with open(tmp, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                own.update(chunk)
+        own = sha256_of(Path(tmp))
         os.replace(tmp, stored)
         # The record last: a page offers the stored form only once both are whole.
         fd, tmp = tempfile.mkstemp(dir=original.parent, prefix=".part-")
         with os.fdopen(fd, "w") as fh_text:
-            json.dump({"upstream": upstream.lower(), "sha256": own.hexdigest()}, fh_text)
+            json.dump({"upstream": upstream.lower(), "sha256": own}, fh_text)
         os.replace(tmp, record)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return own.hexdigest()
+    return own
 
 
 _STORING: dict[Path, threading.Lock] = {}  # a lock per wheel being stored, for every proxy in this process
