@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +41,7 @@ class Work:
         cmd = [sys.executable, "-m", "builder", "--matrix", str(matrix or self.matrix), *args]
         if args and args[0] in ("build", "certify"):
             cmd += ["--state", str(self.state)]
-        if args and args[0] == "build":
+        if args and args[0] == "build" and "--cache-dir" not in args:
             cmd += ["--cache-dir", str(self.cache)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                               env={**os.environ, "CI": "1", **(env or {})}, timeout=1800)
@@ -110,6 +111,9 @@ def work(tmp_path_factory, engine) -> Work:
             engine.remove_images_with_label(TAG, info.labels[TAG])
     engine.remove_containers(MANAGED, running=False)  # running ones belong to another run still under way
     engine.prune_dangling(MANAGED)
+    # And the session's package cache (about 15 GB: each wheel and its stored copy). pytest keeps its last three
+    # temporary roots, and the disk outlives a CI run on these machines; the state's logs and records stay.
+    shutil.rmtree(root / "cache", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
