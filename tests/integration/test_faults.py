@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -121,11 +122,13 @@ def site(engine, tmp_path_factory) -> Iterator[Site]:
     if reason:
         pytest.skip(f"no private engine in a network namespace: {reason}")
     private = NamespacedEngine.start()
+    root = tmp_path_factory.mktemp("faults")
     try:
         load_base(engine, private)
-        yield Site(private, tmp_path_factory.mktemp("faults"))
+        yield Site(private, root)
     finally:
         private.close()
+        shutil.rmtree(root / "cache", ignore_errors=True)  # 1.6 GB; pytest keeps its last three roots
         print("fault wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in TIMES.items()))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -54,9 +55,12 @@ def remote() -> Iterator[NamespacedEngine]:
 
 
 @pytest.fixture(scope="module")
-def remote_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The state of the remote engine's build, certify and push: one for the module, as one user's checkout."""
-    return tmp_path_factory.mktemp("remote")
+def remote_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The state of the remote engine's build, certify and push: one for the module, as one user's checkout.
+    Its package cache (1.6 GB) goes with the module: pytest keeps its last three roots."""
+    tmp = tmp_path_factory.mktemp("remote")
+    yield tmp
+    shutil.rmtree(tmp / "cache", ignore_errors=True)
 
 
 def cli(remote: NamespacedEngine | None, tmp: Path, *args: str, state: Path | None = None
