@@ -111,7 +111,7 @@ def work(tmp_path_factory, engine) -> Work:
             engine.remove_images_with_label(TAG, info.labels[TAG])
     engine.remove_containers(MANAGED, running=False)  # running ones belong to another run still under way
     engine.prune_dangling(MANAGED)
-    # And the session's package cache (about 15 GB: each wheel and its stored copy). pytest keeps its last three
+    # And the session's package cache (gigabytes: each wheel and its stored copy). pytest keeps its last three
     # temporary roots, and the disk outlives a CI run on these machines; the state's logs and records stay.
     shutil.rmtree(root / "cache", ignore_errors=True)
 
